@@ -1,0 +1,39 @@
+"""enorm_jax: Equi-normalization (ENorm) for JAX, Flax and optax."""
+
+from enorm_jax.balance import balance
+from enorm_jax.balance import energy
+from enorm_jax.balance import rescale
+from enorm_jax.balance import rescale_gradients
+from enorm_jax.balance import rescale_second_moments
+from enorm_jax.graph import Entry
+from enorm_jax.graph import Group
+from enorm_jax.graph import RescalingGraph
+from enorm_jax.graph import chain_graph
+from enorm_jax.transform import DEFAULT_STATE_ROLES
+from enorm_jax.transform import FIRST_MOMENT
+from enorm_jax.transform import PARAM_COPY
+from enorm_jax.transform import SECOND_MOMENT
+from enorm_jax.transform import EnormState
+from enorm_jax.transform import enorm
+from enorm_jax.transform import rescale_optimizer_state
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_STATE_ROLES",
+    "FIRST_MOMENT",
+    "PARAM_COPY",
+    "SECOND_MOMENT",
+    "EnormState",
+    "enorm",
+    "rescale_optimizer_state",
+    "Entry",
+    "Group",
+    "RescalingGraph",
+    "balance",
+    "chain_graph",
+    "energy",
+    "rescale",
+    "rescale_gradients",
+    "rescale_second_moments",
+]

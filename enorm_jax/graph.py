@@ -1,0 +1,415 @@
+"""`RescalingGraph`: the static description of a network's rescaling symmetry.
+
+A *group* is a set of ``size`` hidden units (channels). Rescaling unit ``u`` of a
+group by ``d > 0`` multiplies the unit's slice of every *producer* (and of the
+producer's bias) by ``d`` and divides its slice of every *consumer* by ``d``. For a
+ReLU network this leaves the function unchanged.
+
+An `Entry` names a parameter by its '/'-separated path in the params pytree and
+says where the units sit in it:
+
+* ``Entry('Dense_0/kernel', axis=1)``: unit ``u`` is ``kernel[:, u]``.
+* ``Entry('Dense_3/kernel', axis=1, view=(7 * 7, 64, 10))``: the kernel is read as
+  an array of shape ``view`` (a row-major reshape) first. This is how a conv
+  channel flattened into a Dense layer is written: channel ``u`` feeds rows
+  ``u, u + 64, u + 128, ...`` of the ``(7*7*64, 10)`` kernel.
+* ``axis`` may be a tuple of axes whose row-major combination gives the unit
+  index (grouped convolutions), and ``offset`` shifts the units along it
+  (concatenations): unit ``u`` is index ``offset + u`` of the combined axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from enorm_jax import _paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """Where a group's units sit in one parameter.
+
+  Attributes:
+    path: '/'-separated path of the parameter, e.g. ``'Dense_0/kernel'``.
+    axis: the axis (or axes, combined row-major) of the parameter, or of its
+      ``view``, that indexes the units. Negative values count from the end.
+    view: optional shape the parameter is reshaped to (row-major) before ``axis``
+      is applied. ``None`` means the parameter's own shape.
+    offset: unit ``u`` is index ``offset + u`` along the (combined) axis.
+    bias: for producers only: path of a 1-D bias whose entry ``offset + u`` is
+      rescaled with unit ``u``.
+  """
+
+  path: str
+  axis: int | tuple[int, ...]
+  view: tuple[int, ...] | None = None
+  offset: int = 0
+  bias: str | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.path, str) or not self.path:
+      raise TypeError(f"Entry.path must be a non-empty string, got {self.path!r}.")
+    axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+    if not axes or not all(isinstance(a, (int, np.integer)) for a in axes):
+      raise TypeError(f"Entry {self.path!r}: axis must be an int or a tuple of "
+                      f"ints, got {self.axis!r}.")
+    if self.view is not None:
+      object.__setattr__(self, "view", tuple(int(s) for s in self.view))
+    if self.offset < 0:
+      raise ValueError(f"Entry {self.path!r}: offset must be >= 0, got {self.offset}.")
+
+  @property
+  def axes(self) -> tuple[int, ...]:
+    return self.axis if isinstance(self.axis, tuple) else (self.axis,)
+
+  def resolved(self, shape: Sequence[int]) -> "ResolvedEntry":
+    """Checks this entry against a parameter shape and normalizes its axes."""
+    shape = tuple(shape)
+    view = self.view if self.view is not None else shape
+    if math.prod(view) != math.prod(shape):
+      raise ValueError(
+          f"Parameter {self.path!r} has shape {shape} ({math.prod(shape)} elements) "
+          f"but the graph views it as {view} ({math.prod(view)} elements). Fix the "
+          "entry's `view` so that it is a reshape of the parameter.")
+    axes = []
+    for a in self.axes:
+      if not -len(view) <= a < len(view):
+        raise ValueError(
+            f"Parameter {self.path!r}: axis {a} is out of range for shape {view}. "
+            "Fix the entry's `axis`.")
+      axes.append(a % len(view))
+    if len(set(axes)) != len(axes):
+      raise ValueError(f"Parameter {self.path!r}: repeated axis in {self.axis!r}.")
+    return ResolvedEntry(self.path, shape, view, tuple(axes), self.offset)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedEntry:
+  """An `Entry` checked against its parameter's shape (internal)."""
+
+  path: str
+  shape: tuple[int, ...]
+  view: tuple[int, ...]
+  axes: tuple[int, ...]
+  offset: int
+
+  @property
+  def extent(self) -> int:
+    """Length of the combined unit axis."""
+    return math.prod(self.view[a] for a in self.axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """A set of ``size`` hidden units that are rescaled together.
+
+  Attributes:
+    size: number of units (channels).
+    producers: entries multiplied by the unit's factor ``d``; their slices (and,
+      with ``include_biases``, their biases) make up the incoming norm ``L``.
+    consumers: entries divided by ``d``; their slices make up the outgoing norm
+      ``R``.
+    carried: entries multiplied by ``d`` that never enter the energy, e.g. the
+      running mean of an eval-mode BatchNorm that reads the units.
+    name: a label used in messages.
+  """
+
+  size: int
+  producers: tuple[Entry, ...]
+  consumers: tuple[Entry, ...]
+  carried: tuple[Entry, ...] = ()
+  name: str = ""
+
+  def __post_init__(self):
+    for field in ("producers", "consumers", "carried"):
+      value = getattr(self, field)
+      if isinstance(value, Entry):
+        value = (value,)
+      value = tuple(value)
+      if not all(isinstance(e, Entry) for e in value):
+        raise TypeError(f"Group {self.label}: {field} must be Entry objects.")
+      object.__setattr__(self, field, value)
+    if not isinstance(self.size, (int, np.integer)) or self.size < 1:
+      raise ValueError(f"Group {self.label}: size must be a positive int, got {self.size!r}.")
+    object.__setattr__(self, "size", int(self.size))
+    if not self.producers or not self.consumers:
+      raise ValueError(
+          f"Group {self.label} needs at least one producer and one consumer; a unit "
+          "without both has no finite balancing factor. Drop the group instead.")
+    if any(e.bias is not None for e in self.consumers + self.carried):
+      raise ValueError(f"Group {self.label}: only producers carry a bias.")
+
+  @property
+  def label(self) -> str:
+    if self.name:
+      return repr(self.name)
+    producers = getattr(self, "producers", ())
+    if producers and isinstance(producers, tuple) and isinstance(producers[0], Entry):
+      return f"<outputs of {producers[0].path}>"
+    return "<unnamed>"
+
+  def scaled_paths(self, include_biases_in_producers: bool = True) -> tuple[str, ...]:
+    """Every parameter path this group rescales."""
+    paths = [e.path for e in self.producers + self.consumers + self.carried]
+    if include_biases_in_producers:
+      paths += [e.bias for e in self.producers if e.bias is not None]
+    return tuple(paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class RescalingGraph:
+  """An ordered, hashable tuple of `Group`s.
+
+  The graph is static: a jitted function can close over it, and two graphs
+  built the same way compare and hash equal, so they share compiled code.
+  """
+
+  groups: tuple[Group, ...]
+
+  def __post_init__(self):
+    groups = tuple(self.groups)
+    if not all(isinstance(g, Group) for g in groups):
+      raise TypeError("RescalingGraph.groups must be a sequence of Group objects.")
+    object.__setattr__(self, "groups", groups)
+
+  def __len__(self) -> int:
+    return len(self.groups)
+
+  def __iter__(self):
+    return iter(self.groups)
+
+  @property
+  def num_units(self) -> int:
+    return sum(g.size for g in self.groups)
+
+  @property
+  def paths(self) -> frozenset[str]:
+    """Every parameter path the graph rescales."""
+    return frozenset(p for g in self.groups for p in g.scaled_paths())
+
+  def validate(self, params: Any) -> None:
+    """Raises `ValueError` naming the first entry that does not fit ``params``.
+
+    Only shapes and dtypes are read, so this also works on tracers and on
+    `jax.ShapeDtypeStruct` trees.
+    """
+    self.resolve(_paths.leaves_by_path(params))
+
+  def resolve(self, leaves: Mapping[str, Any]) -> tuple["ResolvedGroup", ...]:
+    """Resolves every entry against ``leaves`` (path -> array-like)."""
+    return tuple(_resolve_group(g, leaves) for g in self.groups)
+
+  @functools.cached_property
+  def phases(self) -> tuple[tuple[int, ...], ...]:
+    """Conflict-free phases: groups in one phase share no parameter leaf.
+
+    Updating all groups of a phase at once is still exact block coordinate
+    descent. Phases come from a greedy colouring in graph order; a chain needs 2.
+    """
+    colour_of: list[int] = []
+    leaves_of_colour: list[set[str]] = []
+    for g in self.groups:
+      leaves = set(g.scaled_paths())
+      colour = next((k for k, used in enumerate(leaves_of_colour)
+                     if not used & leaves), len(leaves_of_colour))
+      if colour == len(leaves_of_colour):
+        leaves_of_colour.append(set())
+      leaves_of_colour[colour] |= leaves
+      colour_of.append(colour)
+    return tuple(tuple(i for i, c in enumerate(colour_of) if c == k)
+                 for k in range(len(leaves_of_colour)))
+
+  @functools.cached_property
+  def heights(self) -> Mapping[str, int] | None:
+    """Layer heights for the asymmetric energy, or ``None`` if inconsistent.
+
+    Height 0 is the last layer; every group's producers sit one level above its
+    consumers. For a chain of q layers, layer k gets height q - k, which turns
+    `energy` into the paper's ``sum_k ||c^(q-k) W_k||_p^p``.
+    """
+    return _heights(self)
+
+  def describe(self) -> str:
+    """A human-readable listing of the groups."""
+    lines = [f"RescalingGraph: {len(self.groups)} groups, {self.num_units} units"]
+    for i, g in enumerate(self.groups):
+      def fmt(entries):
+        return ", ".join(
+            e.path + (f"[axis={e.axis}" + (f", view={e.view}" if e.view else "")
+                      + (f", offset={e.offset}" if e.offset else "") + "]")
+            + (f" (+ {e.bias})" if e.bias else "") for e in entries)
+      lines.append(f"  [{i}] {g.label} size={g.size}")
+      lines.append(f"      producers: {fmt(g.producers)}")
+      lines.append(f"      consumers: {fmt(g.consumers)}")
+      if g.carried:
+        lines.append(f"      carried:   {fmt(g.carried)}")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedGroup:
+  """A `Group` whose entries are checked against the params (internal)."""
+
+  size: int
+  producers: tuple[ResolvedEntry, ...]
+  biases: tuple[ResolvedEntry, ...]
+  consumers: tuple[ResolvedEntry, ...]
+  carried: tuple[ResolvedEntry, ...]
+
+
+def _check_leaf(path: str, leaves: Mapping[str, Any], group: Group):
+  if path not in leaves:
+    close = [p for p in leaves if p.split("/")[-1] == path.split("/")[-1]]
+    hint = f" Parameters with the same name: {_paths.describe_paths(close)}." if close else ""
+    raise ValueError(
+        f"Group {group.label}: parameter path {path!r} is not in the params pytree."
+        f"{hint} Paths are '/'-joined keys of the tree passed to balance (for Linen, "
+        f"variables['params']). Available: {_paths.describe_paths(leaves)}.")
+  leaf = leaves[path]
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        f"Group {group.label}: parameter {path!r} has dtype {dtype}; only floating "
+        "point parameters can be rescaled. Remove it from the graph.")
+  return tuple(leaf.shape)
+
+
+def _resolve_entry(entry: Entry, leaves, group: Group) -> ResolvedEntry:
+  resolved = entry.resolved(_check_leaf(entry.path, leaves, group))
+  if resolved.offset + group.size > resolved.extent:
+    raise ValueError(
+        f"Group {group.label} has {group.size} units but parameter {entry.path!r} "
+        f"(shape {resolved.shape}, view {resolved.view}) has only {resolved.extent} "
+        f"positions along axis {entry.axis}" +
+        (f" after offset {entry.offset}" if entry.offset else "") +
+        f": expected size {entry.offset + group.size}, got {resolved.extent}. "
+        "Check the entry's axis, view and offset.")
+  return resolved
+
+
+def _resolve_group(group: Group, leaves) -> ResolvedGroup:
+  producers = tuple(_resolve_entry(e, leaves, group) for e in group.producers)
+  biases = []
+  for e in group.producers:
+    if e.bias is None:
+      continue
+    shape = _check_leaf(e.bias, leaves, group)
+    if len(shape) != 1 or shape[0] < e.offset + group.size:
+      raise ValueError(
+          f"Group {group.label}: bias {e.bias!r} of producer {e.path!r} must be 1-D "
+          f"with at least {e.offset + group.size} entries, got shape {shape}.")
+    biases.append(ResolvedEntry(e.bias, shape, shape, (0,), e.offset))
+  consumers = tuple(_resolve_entry(e, leaves, group) for e in group.consumers)
+  carried = tuple(_resolve_entry(e, leaves, group) for e in group.carried)
+  return ResolvedGroup(group.size, producers, tuple(biases), consumers, carried)
+
+
+def _heights(graph: RescalingGraph) -> dict[str, int] | None:
+  """Solves h(producer) = h(consumer) + 1 over connected components."""
+  edges: dict[str, list[tuple[str, int]]] = {}
+  for g in graph.groups:
+    prods = [e.path for e in g.producers] + [e.bias for e in g.producers if e.bias]
+    for a in prods:
+      for b in (e.path for e in g.consumers):
+        edges.setdefault(a, []).append((b, -1))
+        edges.setdefault(b, []).append((a, +1))
+    for a in prods[1:]:
+      edges.setdefault(prods[0], []).append((a, 0))
+      edges.setdefault(a, []).append((prods[0], 0))
+  height: dict[str, int] = {}
+  for start in edges:
+    if start in height:
+      continue
+    component = {start: 0}
+    stack = [start]
+    while stack:
+      a = stack.pop()
+      for b, delta in edges[a]:
+        if b not in component:
+          component[b] = component[a] + delta
+          stack.append(b)
+        elif component[b] != component[a] + delta:
+          return None
+    low = min(component.values())
+    height.update({k: v - low for k, v in component.items()})
+  return height
+
+
+def _module_params(params: Any, layer: str) -> tuple[str, str | None, tuple[int, ...]]:
+  leaves = _paths.leaves_by_path(params)
+  kernel, bias = f"{layer}/kernel", f"{layer}/bias"
+  if kernel not in leaves:
+    raise ValueError(
+        f"chain_graph: layer {layer!r} has no parameter {kernel!r}. Layers are module "
+        f"paths whose kernels are in params; available: {_paths.describe_paths(leaves)}.")
+  return kernel, (bias if bias in leaves else None), tuple(leaves[kernel].shape)
+
+
+def chain_graph(params: Any, layers: Sequence[str]) -> RescalingGraph:
+  """The graph of a sequential chain of Dense and Conv layers.
+
+  Hidden units are the output channels of every layer but the last. Between two
+  layers there may be ReLU, max- or average-pooling, and, from a Conv to a
+  Dense layer, a row-major (NHWC) flatten.
+
+  Args:
+    params: the params pytree (e.g. Linen's ``variables['params']``).
+    layers: module paths in order, e.g. ``["Dense_0", "Dense_1", "Dense_2"]``.
+      Each must have a ``kernel`` (Dense ``(in, out)`` or Conv ``(H, W, in, out)``)
+      and may have a ``bias``.
+
+  Returns:
+    A `RescalingGraph` with one group per hidden layer.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import enorm_jax
+    >>> mlp = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+    >>> params = mlp.init(jax.random.key(0), jnp.ones((1, 4)))['params']
+    >>> graph = enorm_jax.chain_graph(params, ['layers_0', 'layers_2'])
+    >>> len(graph), graph.num_units
+    (1, 8)
+  """
+  layers = list(layers)
+  if len(layers) < 2:
+    raise ValueError(f"chain_graph needs at least two layers, got {layers!r}.")
+  groups = []
+  for a, b in zip(layers[:-1], layers[1:]):
+    ka, bias, shape_a = _module_params(params, a)
+    kb, _, shape_b = _module_params(params, b)
+    channels = shape_a[-1]
+    if len(shape_b) == 2:  # Dense consumer, possibly after a flatten.
+      rows = shape_b[0]
+      if rows % channels:
+        raise ValueError(
+            f"chain_graph: {kb!r} has {rows} input rows, which is not a multiple of "
+            f"the {channels} output channels of {ka!r}. Is a layer missing from the "
+            "chain?")
+      view = None if rows == channels else (rows // channels, channels, shape_b[1])
+      consumer = Entry(kb, axis=0 if view is None else 1, view=view)
+    else:
+      if shape_b[-2] != channels:
+        raise ValueError(
+            f"chain_graph: {kb!r} expects {shape_b[-2]} input channels but {ka!r} "
+            f"produces {channels}. Grouped convolutions need trace_graph or a hand-"
+            "written graph.")
+      consumer = Entry(kb, axis=len(shape_b) - 2)
+    groups.append(Group(size=channels,
+                        producers=(Entry(ka, axis=len(shape_a) - 1, bias=bias),),
+                        consumers=(consumer,), name=f"{a} outputs"))
+  graph = RescalingGraph(tuple(groups))
+  graph.validate(params)
+  return graph
+
+
+def tree_shapes(tree: Any) -> Any:
+  """A `jax.ShapeDtypeStruct` tree, handy for validating without data."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

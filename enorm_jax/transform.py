@@ -1,0 +1,201 @@
+"""`enorm`: an optax wrapper that balances the params after every inner step."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from enorm_jax import _paths
+from enorm_jax.balance import Scales, _Plan, balance, check_hyperparams
+from enorm_jax.graph import RescalingGraph
+
+# How a params-shaped optimizer buffer transforms when its parameter is
+# multiplied by s: the buffer is multiplied by s**power. Keyed by the name of
+# the state field that holds the params-shaped tree.
+FIRST_MOMENT, SECOND_MOMENT, PARAM_COPY = -1, -2, 1
+DEFAULT_STATE_ROLES: Mapping[str, int] = {
+    # gradients and first moments: g -> g / s
+    "trace": FIRST_MOMENT,      # optax.trace / sgd(momentum=...)
+    "mu": FIRST_MOMENT,         # adam, adamw, lion, rmsprop(centered), ...
+    "acc_grads": FIRST_MOMENT,  # optax.MultiSteps
+    "ema": FIRST_MOMENT,        # optax.ema (an average of updates)
+    "grad_acc": FIRST_MOMENT,
+    "momentum": FIRST_MOMENT,
+    # second moments: g**2 -> g**2 / s**2
+    "nu": SECOND_MOMENT,             # adam, rmsprop, adabelief, ...
+    "sum_of_squares": SECOND_MOMENT,  # adagrad
+    # parameter copies: w -> w * s
+    "slow": PARAM_COPY,
+    "slow_params": PARAM_COPY,
+    "ema_params": PARAM_COPY,
+}
+
+
+class EnormState(NamedTuple):
+  """State of `enorm`: a step counter and the inner optimizer's state."""
+
+  count: jax.Array  # int32, number of updates so far
+  inner_state: optax.OptState
+
+
+def _params_key_paths(params: Any) -> set[tuple[str, ...]]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  return {tuple(_paths.key_name(k) for k in kp) for kp, _ in flat}
+
+
+def _state_role(key_path: tuple[Any, ...], params_paths, roles: Mapping[str, int]):
+  """(param path, power) of a params-shaped state leaf, found by its field name."""
+  names = tuple(_paths.key_name(k) for k in key_path)
+  for start in range(len(names)):
+    if names[start:] in params_paths:
+      param_path = _paths.key_path_str(key_path[start:])
+      named = [(k, n) for k, n in zip(key_path[:start], names[:start])
+               if not isinstance(k, jax.tree_util.SequenceKey)]
+      field = named[-1][1] if named else None
+      if field not in roles:
+        raise ValueError(
+            f"enorm cannot tell how to rescale the inner optimizer state field {field!r} "
+            f"(state path {'/'.join(names)}). ENorm changes the params, so every "
+            "params-shaped buffer must be rescaled: pass state_roles={"
+            f"{field!r}: enorm_jax.FIRST_MOMENT}} (gradient-like, divided by s), "
+            "SECOND_MOMENT (divided by s**2) or PARAM_COPY (multiplied by s).")
+      return param_path, roles[field]
+  raise ValueError(f"enorm could not match optimizer state leaf {'/'.join(names)} to a "
+                   "parameter path.")
+
+
+def rescale_optimizer_state(inner: optax.GradientTransformation, inner_state: Any,
+                            params: Any, scales: Scales, graph: RescalingGraph,
+                            state_roles: Mapping[str, int] = DEFAULT_STATE_ROLES) -> Any:
+  """Rescales every params-shaped buffer of ``inner_state`` after a rescaling.
+
+  Buffers are found with `optax.tree_utils.tree_map_params` and classified by
+  their field name in ``state_roles`` (first moments divided by s, second
+  moments by s**2, parameter copies multiplied by s). A params-shaped field
+  that is not in ``state_roles`` raises `ValueError`: it is never left
+  unscaled.
+  """
+  try:
+    is_param = optax.tree_utils.tree_map_params(
+        inner, lambda _: True, inner_state, transform_non_params=lambda _: False)
+  except Exception as e:  # the inner init inspected its placeholder
+    raise ValueError(
+        "enorm could not locate the params-shaped buffers of the inner optimizer's "
+        "state with optax.tree_utils.tree_map_params (its init must not inspect the "
+        f"values or shapes of params). Original error: {e!r}") from e
+  params_paths = _params_key_paths(params)
+  plan = _Plan.build(graph, _paths.leaves_by_path(params))
+  scales = plan.check_scales(scales)
+  flat_state, treedef = jax.tree_util.tree_flatten_with_path(inner_state)
+  flags = jax.tree_util.tree_leaves(is_param)
+  if len(flags) != len(flat_state):
+    raise ValueError("enorm: the inner optimizer's state does not match its init "
+                     "structure; was it created by the same transformation?")
+  new_leaves = []
+  for (key_path, leaf), flag in zip(flat_state, flags):
+    if not flag:
+      new_leaves.append(leaf)
+      continue
+    param_path, power = _state_role(key_path, params_paths, state_roles)
+    if param_path in plan.by_leaf:
+      leaf = plan.scale(param_path, leaf.astype(jnp.float32), scales, power).astype(leaf.dtype)
+    new_leaves.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+
+def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: float = 2.0,
+          c: float = 1.0, cycles: int = 1, every_k: int = 1, include_biases: bool = False,
+          schedule: str = "sequential",
+          state_roles: Mapping[str, int] | None = None
+          ) -> optax.GradientTransformationExtraArgs:
+  """Equi-normalization after every ``every_k`` steps of ``inner`` (Algorithm 2).
+
+  Each update applies ``inner``'s update to the params, runs `balance` on the
+  result, rescales ``inner``'s params-shaped state with the same factors, and
+  returns ``balanced - params``. A buffer on a weight that was multiplied by
+  ``s`` is divided by ``s`` (first moments: SGD ``trace``, Adam ``mu``,
+  ``MultiSteps`` accumulators) or by ``s**2`` (second moments: ``nu``); see
+  `DEFAULT_STATE_ROLES`.
+
+  Use it as the outermost transformation (the one whose updates are applied to
+  the params); put weight decay, clipping and schedules inside ``inner``.
+
+  Args:
+    inner: the optimizer to wrap, e.g. ``optax.chain(optax.add_decayed_weights(1e-3),
+      optax.sgd(lr, momentum=0.9))``.
+    graph: the network's `RescalingGraph`.
+    p: norm exponent (> 0).
+    c: asymmetric scaling (> 0).
+    cycles: ENorm cycles per balancing step (>= 1).
+    every_k: balance after every ``every_k``-th update (>= 1).
+    include_biases: whether biases count in the incoming norm.
+    schedule: ``'sequential'`` or ``'parallel'``, as in `balance`.
+    state_roles: field name -> power (``FIRST_MOMENT``, ``SECOND_MOMENT``,
+      ``PARAM_COPY``) for params-shaped state fields, merged over
+      `DEFAULT_STATE_ROLES`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`. Its ``update`` needs ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+    >>> import enorm_jax
+    >>> mlp = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(2)])
+    >>> params = mlp.init(jax.random.key(0), jnp.ones((1, 8)))['params']
+    >>> graph = enorm_jax.chain_graph(params, ['layers_0', 'layers_2'])
+    >>> tx = enorm_jax.enorm(optax.sgd(0.1, momentum=0.9), graph)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Stock, Graham, Gribonval and Jégou, `Equi-normalization of Neural Networks
+    <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, Algorithm 2 and eq. (10).
+  """
+  check_hyperparams(p, c, cycles, schedule)
+  if not isinstance(every_k, numbers.Integral) or every_k < 1:
+    raise ValueError(f"every_k must be an int >= 1, got every_k={every_k!r}.")
+  if not isinstance(graph, RescalingGraph):
+    raise TypeError(f"graph must be a RescalingGraph, got {type(graph).__name__}.")
+  roles = dict(DEFAULT_STATE_ROLES)
+  roles.update(state_roles or {})
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return EnormState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("enorm needs the current params: call "
+                       "tx.update(grads, state, params).")
+    inner_updates, inner_state = inner.update(updates, state.inner_state, params,
+                                              **extra_args)
+    stepped = optax.apply_updates(params, inner_updates)
+    count = optax.safe_increment(state.count)
+
+    def balanced(operand):
+      stepped, inner_state = operand
+      new_params, scales = balance(stepped, graph, p=p, c=c, cycles=cycles,
+                                   include_biases=include_biases, schedule=schedule)
+      inner_state = rescale_optimizer_state(inner, inner_state, stepped, scales, graph,
+                                            roles)
+      return new_params, inner_state
+
+    if every_k == 1:
+      new_params, inner_state = balanced((stepped, inner_state))
+    else:
+      new_params, inner_state = lax.cond(count % every_k == 0, balanced, lambda x: x,
+                                         (stepped, inner_state))
+    new_updates = jax.tree.map(lambda new, old: (new - old).astype(old.dtype)
+                               if hasattr(old, "dtype") else new,
+                               new_params, params)
+    return new_updates, EnormState(count=count, inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
