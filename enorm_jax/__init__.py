@@ -5,6 +5,11 @@ from enorm_jax.balance import energy
 from enorm_jax.balance import rescale
 from enorm_jax.balance import rescale_gradients
 from enorm_jax.balance import rescale_second_moments
+from enorm_jax.baselines import implicit_energy
+from enorm_jax.baselines import init_log_scales
+from enorm_jax.baselines import path_norm_scaling
+from enorm_jax.baselines import path_sgd
+from enorm_jax.baselines import scale_by_path_norm
 from enorm_jax.graph import Entry
 from enorm_jax.graph import Group
 from enorm_jax.graph import RescalingGraph
@@ -31,6 +36,11 @@ __all__ = [
     "Group",
     "RescalingGraph",
     "balance",
+    "implicit_energy",
+    "init_log_scales",
+    "path_norm_scaling",
+    "path_sgd",
+    "scale_by_path_norm",
     "chain_graph",
     "energy",
     "rescale",

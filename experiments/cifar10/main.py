@@ -1,0 +1,41 @@
+r"""CIFAR-10 entry point (train or evaluate), configured with ml_collections.
+
+Train:
+    python -m experiments.cifar10.main --workdir=workdirs/fc3_enorm \
+        --config=experiments/cifar10/configs/fc.py --config.method=enorm --config.depth=3
+Evaluate a checkpoint on any split of any data directory:
+    python -m experiments.cifar10.main --mode=evaluate --workdir=workdirs/fc3_enorm \
+        --config=experiments/cifar10/configs/fc.py --config.method=enorm --config.depth=3 \
+        --split=validation --config.data_dir=../shared/data/cifar10
+"""
+
+import json
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments.cifar10 import evaluate, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "What to do.")
+flags.DEFINE_string("split", "validation", "Split to score in evaluate mode.")
+config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+flags.mark_flags_as_required(["workdir", "config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  logging.info("JAX devices: %s", jax.devices())
+  if FLAGS.mode == "train":
+    metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    metrics.pop("final_state")
+  else:
+    metrics = evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split)
+  print(json.dumps(metrics, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
