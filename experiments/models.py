@@ -44,8 +44,10 @@ class _Norm(nn.Module):
     if self.kind == "batch":
       return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                           axis_name=self.bn_axis_name)(x)
-    if self.kind == "group":
-      return nn.GroupNorm(num_groups=min(self.groups, x.shape[-1]))(x)
+    if self.kind == "group":  # the largest group count <= `groups` that divides the width
+      groups = max(g for g in range(1, min(self.groups, x.shape[-1]) + 1)
+                   if x.shape[-1] % g == 0)
+      return nn.GroupNorm(num_groups=groups)(x)
     return x
 
 
