@@ -11,7 +11,7 @@ from experiments.common import trainer
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         split: str) -> dict[str, float]:
   train.validate_config(config)
-  mesh = trainer.make_mesh()
+  mesh = trainer.make_mesh(config.num_devices)
   ds = input_pipeline.load(config)
   if split not in ds.splits:
     raise ValueError(f"split={split!r} is not available from this source; "

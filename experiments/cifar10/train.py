@@ -139,7 +139,9 @@ def train_step(setup: Setup, config, state: trainer.TrainState, batch):
   new_state = trainer.TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                                  opt_state=opt_state)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-  return new_state, {"loss": loss, "accuracy": accuracy}
+  weights = _model_params(params, config.method)
+  l2 = jnp.sqrt(sum(jnp.sum(jnp.square(w)) for w in jax.tree.leaves(weights)))
+  return new_state, {"loss": loss, "accuracy": accuracy, "param_l2": l2}
 
 
 def eval_step(setup: Setup, config, state: trainer.TrainState, batch):
@@ -175,7 +177,7 @@ def evaluate_splits(eval_fn, state, ds, config, mesh, splits) -> dict[str, float
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if possible) and returns final metrics."""
   validate_config(config)
-  mesh = trainer.make_mesh()
+  mesh = trainer.make_mesh(config.num_devices)
   trainer.check_batch_size(config.batch_size, mesh)
   trainer.check_workdir(workdir)
   ds = input_pipeline.load(config)
@@ -195,7 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       steps_per_epoch=per_epoch, workdir=workdir,
       evaluate=lambda s: evaluate_splits(eval_fn, s, ds, config, mesh, splits),
       checkpoint_every_steps=config.checkpoint_every_steps or per_epoch,
-      log_every_steps=min(config.log_every_steps, per_epoch), eval_every_epochs=config.eval_every_epochs,
+      log_every_steps=min(config.log_every_steps, per_epoch),
+      eval_every_epochs=config.eval_every_epochs, stop_at_step=config.stop_at_step,
       desc=f"{config.model}/{config.method}")
   metrics = dict(metrics)
   metrics["train_time_s"] = time.perf_counter() - start

@@ -39,8 +39,14 @@ class TrainState:
   opt_state: Any
 
 
-def make_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ("data",))
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """A 1-D ``'data'`` mesh over the first ``num_devices`` devices (0: all)."""
+  devices = jax.devices()
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices exist.")
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), ("data",))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -138,11 +144,12 @@ def fit(state: TrainState, *, train_step: Callable, batches: Callable[[int], Ite
         mesh: Mesh, total_steps: int, steps_per_epoch: int, workdir: str,
         evaluate: Callable[[TrainState], dict[str, float]],
         checkpoint_every_steps: int, log_every_steps: int, eval_every_epochs: int = 1,
-        desc: str = "train") -> tuple[TrainState, dict[str, float]]:
+        stop_at_step: int = 0, desc: str = "train") -> tuple[TrainState, dict[str, float]]:
   """The training loop: resume, step, log, evaluate per epoch, checkpoint.
 
   ``batches(start_step)`` yields host batches from ``start_step`` on. Returns the
-  final state and the last evaluation metrics.
+  final state and the last evaluation metrics. ``stop_at_step > 0`` returns
+  early after that step's checkpoint, as a preemption would (for tests).
   """
   check_workdir(workdir)
   checkpoints = Checkpoints(workdir)
@@ -188,6 +195,8 @@ def fit(state: TrainState, *, train_step: Callable, batches: Callable[[int], Ite
       if done % checkpoint_every_steps == 0 or done == total_steps:
         checkpoints.save(state)
       bar.update(1)
+      if done == stop_at_step:
+        return state, last_eval
   if not last_eval:
     last_eval = evaluate(state)
   return state, last_eval

@@ -40,4 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0            # 0 -> once per epoch
   config.eval_every_epochs = 1
   config.eval_batch_size = 1000
+  config.num_devices = 0                       # 0 -> all devices
+  config.stop_at_step = 0                      # > 0: stop there, as if preempted (tests)
   return config

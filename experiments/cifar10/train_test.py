@@ -1,0 +1,143 @@
+"""Fast end-to-end tests of the CIFAR-10 experiment on a small generated ImageFolder."""
+
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments.cifar10 import evaluate, input_pipeline, train
+from experiments.cifar10.configs import conv_reduced, fc
+from experiments.common import data as common
+
+CLASSES = [f"class{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """10 classes x 12 JPEGs of 32x32 whose colour depends on the class."""
+  root = tmp_path_factory.mktemp("cifar_folder")
+  rng = np.random.default_rng(0)
+  for label, name in enumerate(CLASSES):
+    os.makedirs(root / "train" / name)
+    for i in range(12):
+      base = np.full((32, 32, 3), 25 * label, np.uint8)
+      noise = rng.integers(0, 40, (32, 32, 3), dtype=np.uint8)
+      Image.fromarray(base + noise).save(root / "train" / name / f"{i}.jpg")
+  return str(root)
+
+
+def small_config(image_folder, tmp_path, model="fc", method="baseline", **overrides):
+  config = (fc if model == "fc" else conv_reduced).get_config()
+  config.data_dir = image_folder
+  config.cache_dir = str(tmp_path / "cache")
+  config.num_validation = 24
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.num_epochs = 2
+  config.learning_rate = 0.01
+  config.log_every_steps = 2
+  config.method = method
+  if model == "fc":
+    config.depth, config.width = 2, 32
+  else:
+    config.width_multiplier = 0.0625
+  for k, v in overrides.items():
+    config[k] = v
+  return config
+
+
+def run(config, workdir):
+  metrics = train.train_and_evaluate(config, str(workdir))
+  return metrics, metrics.pop("final_state")
+
+
+@pytest.mark.parametrize("model,method", [
+    ("fc", m) for m in train.METHODS] + [("cifar_nv", m) for m in train.METHODS
+                                         if m != "path_sgd"])
+def test_one_short_run_per_method(image_folder, tmp_path, model, method):
+  config = small_config(image_folder, tmp_path, model, method)
+  metrics, state = run(config, tmp_path / "work")
+  assert metrics["steps"] == 2 * (96 // 16)
+  assert 0.0 <= metrics["validation_acc"] <= 1.0 and np.isfinite(metrics["validation_loss"])
+  assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(state.params))
+  lines = open(tmp_path / "work" / "metrics.jsonl").read().splitlines()
+  assert any("validation_acc" in line for line in lines)
+
+
+def test_enorm_run_keeps_params_balanced(image_folder, tmp_path):
+  config = small_config(image_folder, tmp_path, "fc", "enorm")
+  _, state = run(config, tmp_path / "work")
+  setup = train.create_setup(config, total_steps=1)
+  import enorm_jax
+  _, scales = enorm_jax.balance(state.params, setup.graph)
+  assert max(float(np.max(np.abs(np.log(s)))) for s in scales) < 0.1
+
+
+def test_eight_devices_match_one_device(image_folder, tmp_path):
+  assert jax.device_count() == 8
+  results = []
+  for n in (1, 8):
+    config = small_config(image_folder, tmp_path, "fc", "enorm", num_devices=n)
+    results.append(run(config, tmp_path / f"work{n}")[1].params)
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["enorm", "bn"])
+def test_resume_equals_uninterrupted_run(image_folder, tmp_path, method):
+  config = small_config(image_folder, tmp_path, "fc", method, checkpoint_every_steps=4)
+  _, full = run(config, tmp_path / "full")
+  config.stop_at_step = 5  # "preempted" after step 5; the newest checkpoint is step 4
+  run(config, tmp_path / "resumed")
+  config.stop_at_step = 0
+  metrics, resumed = run(config, tmp_path / "resumed")
+  chex.assert_trees_all_equal(resumed.params, full.params)
+  chex.assert_trees_all_equal(resumed.batch_stats, full.batch_stats)
+  assert metrics["steps"] == 12
+
+
+def test_evaluate_entry_point_scores_checkpoint(image_folder, tmp_path):
+  config = small_config(image_folder, tmp_path, "fc", "enorm")
+  metrics, _ = run(config, tmp_path / "work")
+  scored = evaluate.evaluate_checkpoint(config, str(tmp_path / "work"), "validation")
+  assert scored["step"] == 12
+  assert scored["validation_acc"] == pytest.approx(metrics["validation_acc"])
+  with pytest.raises(ValueError, match="split='test' is not available"):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / "work"), "test")
+
+
+def test_splits_are_deterministic_and_disjoint(image_folder, tmp_path):
+  config = small_config(image_folder, tmp_path)
+  a, b = input_pipeline.load(config), input_pipeline.load(config)
+  for split in ("train", "validation"):
+    np.testing.assert_array_equal(a.splits[split][0], b.splits[split][0])
+  assert a.size("train") == 96 and a.size("validation") == 24
+  train_idx, val_idx = common.split_train_validation(50_000, 10_000, seed=0)
+  assert len(train_idx) == 40_000 and len(val_idx) == 10_000
+  assert not set(train_idx) & set(val_idx)
+  again = common.split_train_validation(50_000, 10_000, seed=0)
+  np.testing.assert_array_equal(again[1], val_idx)
+
+
+def test_training_batches_are_reproducible(image_folder, tmp_path):
+  config = small_config(image_folder, tmp_path, "cifar_nv")
+  ds = input_pipeline.load(config)
+  stream = input_pipeline.train_batches(ds, config)
+  first = [next(stream) for _ in range(8)]
+  resumed = next(input_pipeline.train_batches(ds, config, start_step=7))
+  np.testing.assert_array_equal(first[7]["image"], resumed["image"])
+  assert first[0]["image"].shape == (16, 28, 28, 3)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("method", "dropout", "config.method='dropout' is unknown"),
+    ("c", 0.0, "config.c=0.0 must be > 0"),
+    ("batch_size", 12, "not divisible by the 8 devices"),
+    ("data_dir", "/nonexistent/cifar", "must be a tfds ImageFolder directory"),
+])
+def test_bad_configs_fail_at_start_up(image_folder, tmp_path, field, value, match):
+  config = small_config(image_folder, tmp_path, **{field: value})
+  with pytest.raises((ValueError, FileNotFoundError), match=match):
+    train.train_and_evaluate(config, str(tmp_path / "work"))
