@@ -1,0 +1,123 @@
+r"""Markdown tables and Figure-4-style plots from the CIFAR-10 result files.
+
+    python -m experiments.cifar10.report --results_dir=experiments/results
+
+Reads ``cifar10_fc.json`` (60-epoch runs), ``cifar10_fc_search.json`` (the
+shortened learning-rate search) and ``cifar10_conv.json`` when present, and
+writes ``<name>.md`` and ``<name>.png`` next to each.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+from absl import app, flags
+
+_RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Results folder.")
+
+
+def method_label(r) -> str:
+  if r["method"] == "enorm":
+    return f"ENorm-{r['c']:g}"
+  return {"baseline": "Baseline", "bn": "BN", "gn": "GN", "path_sgd": "Path-SGD",
+          "enorm_impl": "ENorm-Impl"}.get(r["method"], r["method"])
+
+
+def best_by(records, key_fn):
+  """The record with the best validation accuracy for each key (diverged runs skipped)."""
+  best = {}
+  for r in records:
+    if r.get("val_acc") is None:
+      continue
+    k = key_fn(r)
+    if k not in best or r["val_acc"] > best[k]["val_acc"]:
+      best[k] = r
+  return best
+
+
+def _fmt(r):
+  if r is None:
+    return "–"
+  text = f"{100 * r['val_acc']:.2f}"
+  if r.get("test_acc") is not None:
+    text += f" / {100 * r['test_acc']:.2f}"
+  return text + f" (lr {r['lr']:g})"
+
+
+def fc_table(records, title) -> tuple[str, dict]:
+  best = best_by(records, lambda r: (method_label(r), r["depth"]))
+  depths = sorted({d for _, d in best})
+  methods = sorted({m for m, _ in best}, key=lambda m: list(LABEL_ORDER).index(m)
+                   if m in LABEL_ORDER else 99)
+  epochs = sorted({r["epochs"] for r in records})
+  lines = [f"### {title}", "",
+           f"Validation accuracy % (test % when the source has a test split) at the best "
+           f"learning rate per cell; epochs: {epochs}; runs: {len(records)}.", "",
+           "| method | " + " | ".join(f"depth {d}" for d in depths) + " |",
+           "|---" * (len(depths) + 1) + "|"]
+  for m in methods:
+    lines.append(f"| {m} | " + " | ".join(_fmt(best.get((m, d))) for d in depths) + " |")
+  return "\n".join(lines) + "\n", best
+
+
+LABEL_ORDER = ("Baseline", "BN", "GN", "ENorm-1", "ENorm-1.2", "ENorm-Impl", "Path-SGD")
+
+
+def fc_figure(best, path, title):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  series = collections.defaultdict(list)
+  for (m, d), r in sorted(best.items(), key=lambda kv: kv[0][1]):
+    series[m].append((d, 100 * r["val_acc"]))
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for m in sorted(series, key=lambda m: LABEL_ORDER.index(m) if m in LABEL_ORDER else 99):
+    xs, ys = zip(*series[m])
+    ax.plot(xs, ys, marker="o", label=m)
+  ax.set(xlabel="number of intermediary layers", ylabel="validation accuracy (%)", title=title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def conv_table(records) -> str:
+  best = best_by(records, lambda r: (method_label(r), r["batch_size"], r["momentum"]))
+  cols = sorted({(b, mo) for _, b, mo in best})
+  lines = ["### CIFAR-NV, REDUCED protocol (see configs/conv_reduced.py)", "",
+           "Validation accuracy %, one seed.", "",
+           "| method | " + " | ".join(f"B={b}, m={mo:g}" for b, mo in cols) + " |",
+           "|---" * (len(cols) + 1) + "|"]
+  for m in LABEL_ORDER:
+    if any(k[0] == m for k in best):
+      lines.append(f"| {m} | " + " | ".join(_fmt(best.get((m, b, mo))) for b, mo in cols)
+                   + " |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  d = _RESULTS_DIR.value
+  for name, title in (("cifar10_fc", "FC, 60 epochs (paper protocol)"),
+                      ("cifar10_fc_search", "FC, 10-epoch learning-rate search (shortened)")):
+    path = os.path.join(d, f"{name}.json")
+    if not os.path.exists(path):
+      continue
+    records = json.load(open(path))
+    table, best = fc_table(records, title)
+    open(os.path.join(d, f"{name}.md"), "w").write(
+        table + "\nMade by `python -m experiments.cifar10.report`.\n")
+    fc_figure(best, os.path.join(d, f"{name}.png"), title)
+    print(table)
+  path = os.path.join(d, "cifar10_conv.json")
+  if os.path.exists(path):
+    table = conv_table(json.load(open(path)))
+    open(os.path.join(d, "cifar10_conv.md"), "w").write(
+        table + "\nMade by `python -m experiments.cifar10.report`.\n")
+    print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)
