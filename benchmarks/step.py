@@ -1,0 +1,106 @@
+r"""Training-step overhead of ENorm vs. BatchNorm and GroupNorm, side by side.
+
+    python -m benchmarks.step [--quick] [--json PATH]
+
+For each model: the plain step (forward, backward, SGD with momentum 0.9 and
+weight decay), the same step wrapped in ``enorm``, and the model with BN and
+with GN instead. Overheads are fractions of the plain step's median time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import enorm_jax
+from benchmarks import _common
+from experiments.models import CifarNV, FullyConnected, ResNet18C
+
+CONFIGS = [("FC-15", lambda **kw: FullyConnected(depth=15, **kw), (256, 3072), 256),
+           ("CIFAR-NV", lambda **kw: CifarNV(**kw), (32, 28, 28, 3), 32),
+           ("ResNet-18C", lambda **kw: ResNet18C(**kw), (32, 224, 224, 3), 32)]
+
+
+def table1_counts():
+  """The paper's Table 1 element counts for ResNet-18/50 at 224x224, batch B (per image)."""
+  rows = []
+  for name, convs in (("ResNet-18", _resnet_layers([2, 2, 2, 2], bottleneck=False)),
+                      ("ResNet-50", _resnet_layers([3, 4, 6, 3], bottleneck=True))):
+    weights = sum(k * k * cin * cout for k, cin, cout, _ in convs)
+    activations = sum(cout * hw * hw for _, _, cout, hw in convs)
+    rows.append(dict(model=name, enorm_elements=weights, bn_gn_elements_per_image=activations))
+  return rows
+
+
+def _resnet_layers(stages, bottleneck):
+  layers, cin, hw = [(7, 3, 64, 112)], 64, 56
+  for i, n in enumerate(stages):
+    width = 64 * 2 ** i
+    out = width * 4 if bottleneck else width
+    for j in range(n):
+      if i > 0 and j == 0:
+        hw //= 2
+      if bottleneck:
+        layers += [(1, cin, width, hw), (3, width, width, hw), (1, width, out, hw)]
+      else:
+        layers += [(3, cin, width, hw), (3, width, width, hw)]
+      if j == 0 and (cin != out or i > 0):
+        layers.append((1, cin, out, hw))
+      cin = out
+  return layers
+
+
+def make_step(model, x, y, tx, has_stats):
+  def loss_fn(params, stats):
+    variables = {"params": params, **({"batch_stats": stats} if has_stats else {})}
+    if has_stats:
+      logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      stats = new["batch_stats"]
+    else:
+      logits = model.apply(variables, x, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), stats
+
+  def step(state):
+    params, stats, opt_state = state
+    grads, stats = jax.grad(loss_fn, has_aux=True)(params, stats)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def main():
+  args = _common.parser(__doc__).parse_args()
+  reps = 3 if args.quick else 15
+  configs = CONFIGS[:2] if args.quick else CONFIGS
+  records = []
+  for name, make, shape, batch in configs:
+    x = jax.random.normal(jax.random.key(0), shape)
+    y = jnp.zeros((batch,), jnp.int32)
+    row = dict(model=name, batch_size=batch)
+    for variant in ("plain", "enorm", "bn", "gn"):
+      norm = {"bn": "batch", "gn": "group"}.get(variant, "none")
+      model = make(norm=norm)
+      variables = model.init(jax.random.key(1), x[:1])
+      params, stats = variables["params"], variables.get("batch_stats", {})
+      tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.01, momentum=0.9))
+      if variant == "enorm":
+        tx = enorm_jax.enorm(tx, model.rescaling_graph(params))
+      step = make_step(model, x, y, tx, bool(stats))
+      row[f"{variant}_ms"], _ = _common.median_ms(step, (params, stats, tx.init(params)), reps)
+    for v in ("enorm", "bn", "gn"):
+      row[f"{v}_overhead"] = row[f"{v}_ms"] / row["plain_ms"] - 1
+    row["enorm_over_bn"] = row["enorm_overhead"] / row["bn_overhead"]
+    row["enorm_over_gn"] = row["enorm_overhead"] / row["gn_overhead"]
+    records.append(row)
+  _common.emit(records, ["model", "batch_size", "plain_ms", "enorm_overhead", "bn_overhead",
+                         "gn_overhead", "enorm_over_bn", "enorm_over_gn"], args.json)
+  print("\nPaper Table 1 (elements touched; BN/GN per image, multiply by the batch size):")
+  _common.emit(table1_counts(), ["model", "enorm_elements", "bn_gn_elements_per_image"], None)
+
+
+if __name__ == "__main__":
+  main()
