@@ -120,6 +120,9 @@ class Group:
     carried: entries multiplied by ``d`` that never enter the energy, e.g. the
       running mean of an eval-mode BatchNorm that reads the units.
     name: a label used in messages.
+    biases: 1-D entries multiplied by ``d`` that count in ``L`` only with
+      ``include_biases``. A producer's ``Entry.bias`` is moved here, so both
+      spellings give equal groups.
   """
 
   size: int
@@ -127,9 +130,10 @@ class Group:
   consumers: tuple[Entry, ...]
   carried: tuple[Entry, ...] = ()
   name: str = ""
+  biases: tuple[Entry, ...] = ()
 
   def __post_init__(self):
-    for field in ("producers", "consumers", "carried"):
+    for field in ("producers", "consumers", "carried", "biases"):
       value = getattr(self, field)
       if isinstance(value, Entry):
         value = (value,)
@@ -144,8 +148,13 @@ class Group:
       raise ValueError(
           f"Group {self.label} needs at least one producer and one consumer; a unit "
           "without both has no finite balancing factor. Drop the group instead.")
-    if any(e.bias is not None for e in self.consumers + self.carried):
+    if any(e.bias is not None for e in self.consumers + self.carried + self.biases):
       raise ValueError(f"Group {self.label}: only producers carry a bias.")
+    moved = tuple(Entry(e.bias, 0, offset=e.offset) for e in self.producers if e.bias)
+    if moved:
+      object.__setattr__(self, "producers", tuple(
+          dataclasses.replace(e, bias=None) for e in self.producers))
+      object.__setattr__(self, "biases", self.biases + moved)
 
   @property
   def label(self) -> str:
@@ -156,12 +165,9 @@ class Group:
       return f"<outputs of {producers[0].path}>"
     return "<unnamed>"
 
-  def scaled_paths(self, include_biases_in_producers: bool = True) -> tuple[str, ...]:
+  def scaled_paths(self) -> tuple[str, ...]:
     """Every parameter path this group rescales."""
-    paths = [e.path for e in self.producers + self.consumers + self.carried]
-    if include_biases_in_producers:
-      paths += [e.bias for e in self.producers if e.bias is not None]
-    return tuple(paths)
+    return tuple(e.path for e in self.producers + self.biases + self.consumers + self.carried)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,10 +251,12 @@ class RescalingGraph:
         return ", ".join(
             e.path + (f"[axis={e.axis}" + (f", view={e.view}" if e.view else "")
                       + (f", offset={e.offset}" if e.offset else "") + "]")
-            + (f" (+ {e.bias})" if e.bias else "") for e in entries)
+            for e in entries)
       lines.append(f"  [{i}] {g.label} size={g.size}")
       lines.append(f"      producers: {fmt(g.producers)}")
       lines.append(f"      consumers: {fmt(g.consumers)}")
+      if g.biases:
+        lines.append(f"      biases:    {fmt(g.biases)}")
       if g.carried:
         lines.append(f"      carried:   {fmt(g.carried)}")
     return "\n".join(lines)
@@ -298,15 +306,13 @@ def _resolve_entry(entry: Entry, leaves, group: Group) -> ResolvedEntry:
 def _resolve_group(group: Group, leaves) -> ResolvedGroup:
   producers = tuple(_resolve_entry(e, leaves, group) for e in group.producers)
   biases = []
-  for e in group.producers:
-    if e.bias is None:
-      continue
-    shape = _check_leaf(e.bias, leaves, group)
-    if len(shape) != 1 or shape[0] < e.offset + group.size:
+  for e in group.biases:
+    shape = _check_leaf(e.path, leaves, group)
+    if len(shape) != 1 and e.view is None:
       raise ValueError(
-          f"Group {group.label}: bias {e.bias!r} of producer {e.path!r} must be 1-D "
-          f"with at least {e.offset + group.size} entries, got shape {shape}.")
-    biases.append(ResolvedEntry(e.bias, shape, shape, (0,), e.offset))
+          f"Group {group.label}: bias {e.path!r} must be 1-D (or have a `view`), got "
+          f"shape {shape}.")
+    biases.append(_resolve_entry(e, leaves, group))
   consumers = tuple(_resolve_entry(e, leaves, group) for e in group.consumers)
   carried = tuple(_resolve_entry(e, leaves, group) for e in group.carried)
   return ResolvedGroup(group.size, producers, tuple(biases), consumers, carried)
@@ -316,7 +322,7 @@ def _heights(graph: RescalingGraph) -> dict[str, int] | None:
   """Solves h(producer) = h(consumer) + 1 over connected components."""
   edges: dict[str, list[tuple[str, int]]] = {}
   for g in graph.groups:
-    prods = [e.path for e in g.producers] + [e.bias for e in g.producers if e.bias]
+    prods = [e.path for e in g.producers + g.biases]
     for a in prods:
       for b in (e.path for e in g.consumers):
         edges.setdefault(a, []).append((b, -1))
