@@ -10,10 +10,16 @@ from enorm_jax.baselines import init_log_scales
 from enorm_jax.baselines import path_norm_scaling
 from enorm_jax.baselines import path_sgd
 from enorm_jax.baselines import scale_by_path_norm
+from enorm_jax.check import CheckReport
+from enorm_jax.check import check_graph
 from enorm_jax.graph import Entry
 from enorm_jax.graph import Group
 from enorm_jax.graph import RescalingGraph
 from enorm_jax.graph import chain_graph
+from enorm_jax.trace import RULES as TRACE_RULES
+from enorm_jax.trace import TraceReport
+from enorm_jax.trace import register_rule
+from enorm_jax.trace import trace_graph
 from enorm_jax.transform import DEFAULT_STATE_ROLES
 from enorm_jax.transform import FIRST_MOMENT
 from enorm_jax.transform import PARAM_COPY
@@ -29,13 +35,19 @@ __all__ = [
     "FIRST_MOMENT",
     "PARAM_COPY",
     "SECOND_MOMENT",
+    "TRACE_RULES",
+    "TraceReport",
+    "register_rule",
+    "trace_graph",
     "EnormState",
     "enorm",
     "rescale_optimizer_state",
     "Entry",
     "Group",
     "RescalingGraph",
+    "CheckReport",
     "balance",
+    "check_graph",
     "implicit_energy",
     "init_log_scales",
     "path_norm_scaling",

@@ -95,13 +95,17 @@ class _Plan:
         by_leaf.setdefault(r.path, []).append((gi, r, -1))
     return cls(groups, {k: tuple(v) for k, v in by_leaf.items()})
 
-  def scale(self, path: str, x: jax.Array, t: Scales, power: int = 1) -> jax.Array:
+  def scale(self, path: str, x: jax.Array, t: Scales, power: int = 1,
+            signs: tuple[int, ...] = (1, -1)) -> jax.Array:
     """``x`` times the factor of every entry on ``path``, raised to ``power``.
 
-    Negative exponents divide (never multiply by a rounded reciprocal).
+    Negative exponents divide (never multiply by a rounded reciprocal). ``signs``
+    selects multiplying (+1) and/or dividing (-1) entries.
     """
     shape = x.shape
     for gi, r, sign in self.by_leaf.get(path, ()):
+      if sign not in signs:
+        continue
       exponent = sign * power
       if exponent == 0:
         continue
@@ -248,7 +252,7 @@ def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.
 
 
 def rescale(tree: Any, scales: Sequence[jax.Array], graph: RescalingGraph, *,
-            power: int = 1) -> Any:
+            power: int = 1, signs: tuple[int, ...] = (1, -1)) -> Any:
   """Applies given per-group ``scales`` to a params-shaped tree.
 
   With ``power=1`` this rescales parameters exactly as `balance` does. A
@@ -256,7 +260,8 @@ def rescale(tree: Any, scales: Sequence[jax.Array], graph: RescalingGraph, *,
   ``power=-1`` for gradients and first moments (see `rescale_gradients`),
   ``power=-2`` for second moments (see `rescale_second_moments`), ``power=1``
   for parameter copies (EMA, slow weights). Leaves outside the graph are
-  returned untouched; dtypes are preserved.
+  returned untouched; dtypes are preserved. ``signs=(1,)`` applies only the
+  multiplying side (producers, biases, carried), ``(-1,)`` only consumers.
   """
   if not isinstance(power, numbers.Integral):
     raise TypeError(f"power must be an int, got {power!r}.")
@@ -264,7 +269,7 @@ def rescale(tree: Any, scales: Sequence[jax.Array], graph: RescalingGraph, *,
   plan = _Plan.build(graph, dict(zip(paths, leaves)))
   t = plan.check_scales(scales)
   new_leaves = [
-      plan.scale(path, jnp.asarray(leaf).astype(jnp.float32), t, power).astype(leaf.dtype)
+      plan.scale(path, jnp.asarray(leaf).astype(jnp.float32), t, power, signs).astype(leaf.dtype)
       if path in plan.by_leaf else leaf for path, leaf in zip(paths, leaves)]
   return jax.tree_util.tree_unflatten(treedef, new_leaves)
 

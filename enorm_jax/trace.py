@@ -1,0 +1,854 @@
+"""`trace_graph`: derive a `RescalingGraph` from any JAX/Flax function by jaxpr tracing.
+
+The function is traced to a jaxpr and interpreted abstractly. Every value gets a
+*tag* saying how it depends on hidden-unit scalings:
+
+* `Scaled`: element ``i`` is multiplied by ``d[units[i]]`` when the units are
+  rescaled (``units[i] = -1``: not scaled). Created at the output channels of
+  every ``dot_general``/``conv`` whose kernel is a parameter.
+* `ParamView`: element ``i`` is ``leaf[index[i]]`` of one parameter (reshaped,
+  broadcast, ...), possibly times unscaled factors.
+* no tag: a value that no hidden-unit scaling changes.
+
+A rule per primitive maps input tags to output tags and records *events*: a
+parameter slice that produces, consumes or carries units, or units that must be
+dropped because an op does not commute with positive per-unit scaling. Units tied
+by a residual add are merged (union-find). Unknown primitives stop every unit they
+touch, so the tracer may miss a valid group but does not return a wrong one.
+Rules live in `RULES`, keyed by primitive name; `register_rule` adds more.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+from enorm_jax import _paths
+from enorm_jax.graph import Entry, Group, RescalingGraph
+
+UNSCALED = -1
+
+
+@dataclasses.dataclass
+class Scaled:
+  units: np.ndarray  # int64, shape of the value; -1 where not scaled
+
+
+@dataclasses.dataclass
+class ParamView:
+  path: str
+  index: np.ndarray  # int64, shape of the value: flat index into the leaf, -1: none
+
+
+class _Stop(Exception):
+  """Raised by a rule: the op does not commute with scaling of its scaled inputs."""
+
+
+class Tracer:
+  """State of one abstract interpretation (events, unit union-find)."""
+
+  def __init__(self, leaf_shapes: dict[str, tuple[int, ...]]):
+    self.leaf_shapes = leaf_shapes
+    self.next_unit = 0
+    self.parent: dict[int, int] = {}
+    self.events: list[tuple[str, str, np.ndarray]] = []  # (role, path, leaf units)
+    self.unit_producer: dict[int, str] = {}
+    self.stopped: dict[int, str] = {}
+    self.tainted: dict[str, str] = {}
+    self.where = ""
+    self.primitive = ""
+
+  # --- units -------------------------------------------------------------
+  def new_units(self, n: int, producer: str) -> np.ndarray:
+    units = np.arange(self.next_unit, self.next_unit + n, dtype=np.int64)
+    for u in units:
+      self.parent[int(u)] = int(u)
+      self.unit_producer[int(u)] = producer
+    self.next_unit += n
+    return units
+
+  def find(self, u: int) -> int:
+    root = u
+    while self.parent[root] != root:
+      root = self.parent[root]
+    while self.parent[u] != root:
+      self.parent[u], u = root, self.parent[u]
+    return root
+
+  def union(self, a: np.ndarray, b: np.ndarray) -> None:
+    for x, y in set(zip(a.ravel().tolist(), b.ravel().tolist())):
+      rx, ry = self.find(x), self.find(y)
+      if rx != ry:
+        self.parent[max(rx, ry)] = min(rx, ry)
+
+  def stop(self, units: np.ndarray, reason: str) -> None:
+    for u in np.unique(units[units >= 0]).tolist():
+      self.stopped.setdefault(int(u), f"{reason} [{self.primitive}] at {self.where}")
+
+  def taint(self, path: str, reason: str) -> None:
+    self.tainted.setdefault(path, f"{reason} [{self.primitive}] at {self.where}")
+
+  # --- events ------------------------------------------------------------
+  def record(self, role: str, view: ParamView, units: np.ndarray) -> None:
+    """Parameter elements ``view.index`` are rescaled with ``units`` in ``role``."""
+    shape = self.leaf_shapes[view.path]
+    leaf_units = np.full(int(np.prod(shape)), UNSCALED, np.int64)
+    index = np.broadcast_to(view.index, units.shape).ravel()
+    flat_units = units.ravel()
+    mask = (index >= 0) & (flat_units >= 0)
+    for i, u in set(zip(index[mask].tolist(), flat_units[mask].tolist())):
+      if leaf_units[i] >= 0 and leaf_units[i] != u:
+        self.union(np.array([leaf_units[i]]), np.array([u]))
+      leaf_units[i] = u
+    self.events.append((role, view.path, leaf_units.reshape(shape)))
+
+
+RuleFn = Callable[[Tracer, Any, list], list]
+RULES: dict[str, RuleFn] = {}
+
+
+def register_rule(primitive_name: str, rule: RuleFn) -> None:
+  """Registers ``rule(tracer, eqn, in_tags) -> out_tags`` for a primitive.
+
+  ``in_tags`` holds a `Scaled`, a `ParamView`, a ``np.ndarray`` (a known
+  constant) or ``None`` per input. Raise `TraceStop` (or return ``None`` tags
+  after calling ``tracer.stop``) when the op does not commute with positive
+  per-unit scaling of its scaled inputs.
+  """
+  RULES[primitive_name] = rule
+
+
+TraceStop = _Stop
+
+
+def _rule(*names):
+  def register(fn):
+    for name in names:
+      register_rule(name, fn)
+    return fn
+  return register
+
+
+def _shape(var) -> tuple[int, ...]:
+  return tuple(var.aval.shape)
+
+
+def _same_transform(fn):
+  """Applies a pure index transform (reshape, transpose, ...) to any tag."""
+  def rule(tr, eqn, tags):
+    t = tags[0]
+    if isinstance(t, Scaled):
+      return [Scaled(fn(t.units, eqn, fill=UNSCALED))]
+    if isinstance(t, ParamView):
+      return [ParamView(t.path, fn(t.index, eqn, fill=-1))]
+    if isinstance(t, np.ndarray):
+      return [None]
+    return [None]
+  return rule
+
+
+def _reshape(a, eqn, fill):
+  if eqn.params.get("dimensions") is not None:
+    raise _Stop("reshape with dimensions")
+  return np.reshape(a, eqn.params["new_sizes"])
+
+
+def _transpose(a, eqn, fill):
+  return np.transpose(a, eqn.params["permutation"])
+
+
+def _broadcast(a, eqn, fill):
+  shape, dims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
+  expanded = np.reshape(a, [a.shape[dims.index(i)] if i in dims else 1 for i in range(len(shape))])
+  return np.broadcast_to(expanded, shape)
+
+
+def _squeeze(a, eqn, fill):
+  return np.squeeze(a, axis=tuple(eqn.params["dimensions"]))
+
+
+def _expand_dims(a, eqn, fill):
+  return np.expand_dims(a, tuple(eqn.params["dimensions"]))
+
+
+def _slice(a, eqn, fill):
+  strides = eqn.params["strides"] or (1,) * a.ndim
+  return a[tuple(slice(s, e, st) for s, e, st in zip(eqn.params["start_indices"],
+                                                     eqn.params["limit_indices"], strides))]
+
+
+def _rev(a, eqn, fill):
+  return np.flip(a, axis=tuple(eqn.params["dimensions"]))
+
+
+for _name, _fn in (("reshape", _reshape), ("transpose", _transpose),
+                   ("broadcast_in_dim", _broadcast), ("squeeze", _squeeze),
+                   ("expand_dims", _expand_dims), ("slice", _slice), ("rev", _rev)):
+  register_rule(_name, _same_transform(_fn))
+
+
+@_rule("convert_element_type", "copy", "copy_p", "reduce_precision", "stop_gradient",
+       "optimization_barrier")
+def _identity(tr, eqn, tags):
+  if eqn.primitive.name == "convert_element_type" and isinstance(tags[0], Scaled):
+    if not np.issubdtype(np.dtype(eqn.params["new_dtype"]), np.floating):
+      raise _Stop("conversion to a non-float type")
+  return list(tags[:len(eqn.outvars)])
+
+
+@_rule("pad")
+def _pad(tr, eqn, tags):
+  t, value = tags
+  if isinstance(t, Scaled) and not _is_const(value, lambda v: np.all((v == 0) | np.isinf(v))):
+    raise _Stop("pad with a non-zero value")
+  config = eqn.params["padding_config"]
+  def fn(a, fill):
+    if any(interior for _, _, interior in config):
+      out = a
+      for axis, (_, _, interior) in enumerate(config):
+        if interior:
+          idx = np.repeat(np.arange(out.shape[axis]), interior + 1)[:-interior]
+          out = np.take(out, idx, axis=axis)
+          mask = np.zeros(out.shape[axis], bool)
+          mask[::interior + 1] = True
+          out = np.where(np.expand_dims(mask, [i for i in range(out.ndim) if i != axis]),
+                         out, fill)
+      a = out
+    lo = [max(lo, 0) for lo, _, _ in config]
+    hi = [max(hi, 0) for _, hi, _ in config]
+    a = np.pad(a, list(zip(lo, hi)), constant_values=fill)
+    crop = tuple(slice(-min(lo_, 0) or None, a.shape[i] + min(hi_, 0) if hi_ < 0 else None)
+                 for i, (lo_, hi_, _) in enumerate(config))
+    return a[crop]
+  if isinstance(t, Scaled):
+    return [Scaled(fn(t.units, UNSCALED))]
+  if isinstance(t, ParamView):
+    return [ParamView(t.path, fn(t.index, -1))]
+  return [None]
+
+
+@_rule("concatenate")
+def _concatenate(tr, eqn, tags):
+  axis = eqn.params["dimension"]
+  if not any(isinstance(t, (Scaled, ParamView)) for t in tags):
+    return [None]
+  if any(isinstance(t, ParamView) for t in tags):
+    for t in tags:
+      if isinstance(t, ParamView):
+        tr.taint(t.path, "concatenated with other values")
+  parts = [t.units if isinstance(t, Scaled) else np.full(_shape(v), UNSCALED, np.int64)
+           for t, v in zip(tags, eqn.invars)]
+  return [Scaled(np.concatenate(parts, axis=axis))]
+
+
+def _is_const(tag, pred) -> bool:
+  return isinstance(tag, np.ndarray) and bool(pred(tag))
+
+
+def _scaled_units(tag, var) -> np.ndarray:
+  return tag.units if isinstance(tag, Scaled) else np.full(_shape(var), UNSCALED, np.int64)
+
+
+def _broadcast_to(a, shape):
+  return np.broadcast_to(a, shape) if a.shape != tuple(shape) else a
+
+
+@_rule("add", "sub", "add_any")
+def _add(tr, eqn, tags):
+  out_shape = _shape(eqn.outvars[0])
+  a, b = tags
+  if not isinstance(a, Scaled) and not isinstance(b, Scaled):
+    for t in tags:
+      if isinstance(t, ParamView):
+        tr.taint(t.path, "added to a value that is not a scaled activation")
+    return [None]
+  if isinstance(a, Scaled) and isinstance(b, Scaled):  # residual join: tie the units
+    ua, ub = _broadcast_to(a.units, out_shape), _broadcast_to(b.units, out_shape)
+    both = (ua >= 0) & (ub >= 0)
+    tr.union(ua[both], ub[both])
+    mixed = (ua >= 0) != (ub >= 0)
+    if mixed.any():
+      tr.stop(np.where(mixed, np.maximum(ua, ub), UNSCALED), "added to an unscaled value")
+    return [Scaled(np.where(both, ua, UNSCALED))]
+  scaled, other = (a, b) if isinstance(a, Scaled) else (b, a)
+  units = _broadcast_to(scaled.units, out_shape)
+  if isinstance(other, ParamView):  # a bias (or a running mean for `sub`)
+    role = "carried" if eqn.primitive.name == "sub" and scaled is a else "bias"
+    if eqn.primitive.name == "sub" and scaled is b:
+      tr.taint(other.path, "minus a scaled value")
+      tr.stop(units, "subtracted from a parameter")
+      return [None]
+    index = _broadcast_to(other.index, out_shape)
+    if ((index >= 0) & (units < 0)).any():
+      tr.taint(other.path, "added to unscaled positions as well")
+    tr.record(role, ParamView(other.path, index), units)
+    return [Scaled(units)]
+  if _is_const(other, lambda v: np.all(v == 0)):
+    return [Scaled(units)]
+  tr.stop(units, "added to a value that does not scale with it")
+  return [None]
+
+
+@_rule("mul")
+def _mul(tr, eqn, tags):
+  out_shape = _shape(eqn.outvars[0])
+  a, b = tags
+  if isinstance(a, Scaled) and isinstance(b, Scaled):
+    tr.stop(a.units, "multiplied by another scaled value")
+    tr.stop(b.units, "multiplied by another scaled value")
+    return [None]
+  if not isinstance(a, Scaled) and not isinstance(b, Scaled):
+    views = [t for t in tags if isinstance(t, ParamView)]
+    if len(views) == 1:  # a parameter times an unscaled factor stays linear in it
+      return [ParamView(views[0].path, _broadcast_to(views[0].index, out_shape))]
+    for t in views:
+      tr.taint(t.path, "multiplied by another parameter")
+    return [None]
+  scaled, other = (a, b) if isinstance(a, Scaled) else (b, a)
+  units = _broadcast_to(scaled.units, out_shape)
+  if isinstance(other, ParamView):  # e.g. a BatchNorm scale: consumes, then produces
+    index = _broadcast_to(other.index, out_shape)
+    tr.record("consumer", ParamView(other.path, index), units)
+    new = _new_units_for_view(tr, other.path, index)
+    tr.record("producer", ParamView(other.path, index), new)
+    return [Scaled(new)]
+  return [Scaled(units)]
+
+
+def _new_units_for_view(tr, path, index):
+  """Fresh units, one per parameter element used in ``index``."""
+  used = np.unique(index[index >= 0])
+  fresh = tr.new_units(len(used), path)
+  lookup = np.full(int(np.prod(tr.leaf_shapes[path])), UNSCALED, np.int64)
+  lookup[used] = fresh
+  return np.where(index >= 0, lookup[np.maximum(index, 0)], UNSCALED)
+
+
+@_rule("div")
+def _div(tr, eqn, tags):
+  a, b = tags
+  if isinstance(b, Scaled):
+    tr.stop(b.units, "used as a divisor")
+    if isinstance(a, Scaled):
+      tr.stop(a.units, "divided by a scaled value")
+    return [None]
+  if isinstance(b, ParamView):
+    tr.taint(b.path, "used as a divisor")
+  if isinstance(a, Scaled):
+    return [Scaled(_broadcast_to(a.units, _shape(eqn.outvars[0])))]
+  if isinstance(a, ParamView):
+    return [ParamView(a.path, _broadcast_to(a.index, _shape(eqn.outvars[0])))]
+  return [None]
+
+
+@_rule("neg", "abs")
+def _sign_free(tr, eqn, tags):
+  t = tags[0]
+  if isinstance(t, ParamView):
+    return [ParamView(t.path, t.index)] if eqn.primitive.name == "neg" else _taint_all(
+        tr, tags, "abs")
+  return [t if isinstance(t, Scaled) else None]
+
+
+@_rule("max", "min")
+def _max(tr, eqn, tags):
+  out_shape = _shape(eqn.outvars[0])
+  a, b = tags
+  if isinstance(a, Scaled) and isinstance(b, Scaled):
+    ua, ub = _broadcast_to(a.units, out_shape), _broadcast_to(b.units, out_shape)
+    both = (ua >= 0) & (ub >= 0)
+    tr.union(ua[both], ub[both])
+    if ((ua >= 0) != (ub >= 0)).any():
+      tr.stop(np.maximum(ua, ub), f"{eqn.primitive.name} with an unscaled value")
+    return [Scaled(np.where(both, ua, UNSCALED))]
+  if isinstance(a, Scaled) or isinstance(b, Scaled):
+    scaled, other = (a, b) if isinstance(a, Scaled) else (b, a)
+    if _is_const(other, lambda v: np.all(v == 0)):  # relu
+      return [Scaled(_broadcast_to(scaled.units, out_shape))]
+    tr.stop(scaled.units, f"{eqn.primitive.name} with a non-zero threshold")
+    return [None]
+  return _taint_all(tr, tags, eqn.primitive.name)
+
+
+@_rule("ge", "gt", "le", "lt", "eq", "ne")
+def _compare(tr, eqn, tags):
+  a, b = tags
+  if isinstance(a, Scaled) or isinstance(b, Scaled):
+    scaled, other = (a, b) if isinstance(a, Scaled) else (b, a)
+    if isinstance(other, Scaled) or _is_const(other, lambda v: np.all(v == 0)):
+      if isinstance(other, Scaled):
+        tr.union(*[np.broadcast_arrays(scaled.units, other.units)[i] for i in (0, 1)])
+      return [None]  # the sign of a scaled value does not change: invariant
+    tr.stop(scaled.units, "compared with a non-zero threshold")
+    return [None]
+  return _taint_all(tr, tags, "compared")
+
+
+@_rule("sign")
+def _sign(tr, eqn, tags):
+  return [None]
+
+
+@_rule("select_n")
+def _select(tr, eqn, tags):
+  pred, *cases = tags
+  out_shape = _shape(eqn.outvars[0])
+  if isinstance(pred, (Scaled, ParamView)):
+    raise _Stop("used as a selector")
+  if not any(isinstance(c, Scaled) for c in cases):
+    return _taint_all(tr, cases, "selected")
+  units = [_broadcast_to(c.units, out_shape) if isinstance(c, Scaled) else None for c in cases]
+  ref = next(u for u in units if u is not None)
+  for c, u in zip(cases, units):
+    if u is None:
+      if not _is_const(c, lambda v: np.all(v == 0)):
+        tr.stop(ref, "selected against a value that does not scale with it")
+        return [None]
+    else:
+      tr.union(ref[(ref >= 0) & (u >= 0)], u[(ref >= 0) & (u >= 0)])
+  return [Scaled(ref)]
+
+
+@_rule("reduce_sum", "reduce_max", "reduce_min")
+def _reduce(tr, eqn, tags):
+  t = tags[0]
+  axes = tuple(eqn.params["axes"])
+  if isinstance(t, ParamView):
+    return _taint_all(tr, tags, "reduced")
+  if not isinstance(t, Scaled):
+    return [None]
+  lo, hi = t.units.min(axis=axes), t.units.max(axis=axes)
+  if (lo != hi).any():
+    tr.stop(t.units, f"{eqn.primitive.name} over the unit axis (mixes units)")
+    return [None]
+  return [Scaled(lo)]
+
+
+@_rule("reduce_window_max", "reduce_window_sum", "reduce_window_min")
+def _reduce_window(tr, eqn, tags):
+  t = tags[0]
+  if isinstance(t, ParamView):
+    return _taint_all(tr, tags, "pooled")
+  if not isinstance(t, Scaled):
+    return [None]
+  p = eqn.params
+  units = t.units
+  for axis, (w, s, (lo, hi), bd, wd) in enumerate(zip(
+      p["window_dimensions"], p["window_strides"], p["padding"], p["base_dilation"],
+      p["window_dilation"])):
+    if (w, s, lo, hi, bd, wd) == (1, 1, 0, 0, 1, 1):
+      continue
+    first = np.take(units, [0], axis=axis)
+    if (units != first).any():  # the window would mix units along this axis
+      tr.stop(units, f"{eqn.primitive.name} across units")
+      return [None]
+    units = np.repeat(first, eqn.outvars[0].aval.shape[axis], axis=axis)
+  return [Scaled(units)]
+
+
+def _taint_all(tr, tags, what):
+  for t in tags:
+    if isinstance(t, ParamView):
+      tr.taint(t.path, f"{what}")
+    if isinstance(t, Scaled):
+      tr.stop(t.units, f"{what}")
+  return [None]
+
+
+@_rule("dot_general")
+def _dot_general(tr, eqn, tags):
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  contract, batch = (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
+  shapes = (_shape(eqn.invars[0]), _shape(eqn.invars[1]))
+  out_shape = _shape(eqn.outvars[0])
+  free = [[d for d in range(len(s)) if d not in c and d not in b]
+          for s, c, b in zip(shapes, contract, batch)]
+  free_pos = (len(lb), len(lb) + len(free[0]))  # where each side's free dims start
+  if all(isinstance(t, Scaled) for t in tags):
+    return _taint_all(tr, tags, "multiplied (dot_general) by another scaled value")
+  if all(isinstance(t, ParamView) for t in tags):
+    return _taint_all(tr, tags, "multiplied by another parameter")
+  out_units = np.full(out_shape, UNSCALED, np.int64)
+  for side in (0, 1):
+    t, other = tags[side], tags[1 - side]
+    if not isinstance(t, Scaled):
+      continue
+    dims = range(t.units.ndim)
+    per_contract = _constant_over(t.units, [d for d in dims if d not in contract[side]])
+    per_free = _constant_over(t.units, contract[side] + batch[side])
+    on_contract = per_contract is not None and (per_contract >= 0).any()
+    on_free = per_free is not None and (per_free >= 0).any()
+    if (per_contract is None and per_free is None) or (on_contract and on_free):
+      raise _Stop("contracted in a way that mixes units")
+    if on_contract:
+      if not isinstance(other, ParamView) or not _is_full_view(tr, other):
+        raise _Stop("contracted with something other than a parameter kernel")
+      act, ker = list(contract[side]), list(contract[1 - side])
+      perm = [sorted(act).index(act[ker.index(k)]) for k in sorted(ker)]
+      tr.record("consumer", other, _place(np.transpose(per_contract, perm), sorted(ker),
+                                          shapes[1 - side]))
+    elif on_free:  # scaled along free dims: the output keeps those units
+      out_units = _place(per_free, range(free_pos[side], free_pos[side] + len(free[side])),
+                         out_shape).copy()
+  for side in (0, 1):
+    kernel = tags[side]
+    if not isinstance(kernel, ParamView) or not free[side]:
+      continue
+    if not _is_full_view(tr, kernel):
+      tr.taint(kernel.path, "used as a transformed kernel")
+      continue
+    kshape = shapes[side]
+    new = tr.new_units(int(np.prod([kshape[d] for d in free[side]])), kernel.path)
+    new = new.reshape([kshape[d] for d in free[side]])
+    tr.record("producer", kernel, _place(new, free[side], kshape))
+    if (out_units >= 0).any():
+      raise _Stop("mixed with new units in a product")
+    out_units = _place(new, range(free_pos[side], free_pos[side] + len(free[side])),
+                       out_shape).copy()
+  return [Scaled(out_units) if (out_units >= 0).any() else None]
+
+
+def _place(values, dims, shape):
+  """Broadcasts ``values`` (indexed by ascending ``dims`` of ``shape``) to ``shape``."""
+  dims = list(dims)
+  expanded = values.reshape([shape[d] if d in dims else 1 for d in range(len(shape))])
+  return np.broadcast_to(expanded, shape)
+
+
+def _constant_over(units, axes):
+  """``units`` reduced over ``axes`` if it is constant along them, else None."""
+  axes = tuple(axes)
+  if not axes:
+    return units
+  lo, hi = units.min(axis=axes), units.max(axis=axes)
+  return lo if (lo == hi).all() else None
+
+
+def _is_full_view(tr, view: ParamView) -> bool:
+  """Whether ``view`` reads each leaf element at most once (a reshaped, transposed,
+  sliced or padded kernel, but not a broadcast or a repeated one)."""
+  index = np.asarray(view.index)
+  used = index[index >= 0]
+  return used.size > 0 and len(np.unique(used)) == used.size
+
+
+@_rule("conv_general_dilated")
+def _conv(tr, eqn, tags):
+  lhs, rhs = tags
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  lspec, rspec, ospec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  groups = p["feature_group_count"]
+  if p["batch_group_count"] != 1:
+    return _taint_all(tr, tags, "batch-grouped convolution")
+  kshape = _shape(eqn.invars[1])
+  out_shape = _shape(eqn.outvars[0])
+  if isinstance(lhs, Scaled):
+    per_channel = _constant_over(lhs.units, [d for d in range(lhs.units.ndim) if d != lspec[1]])
+    if per_channel is None:
+      tr.stop(lhs.units, "convolved while not constant per channel")
+      return [None]
+    if not isinstance(rhs, ParamView) or not _is_full_view(tr, rhs):
+      tr.stop(lhs.units, "convolved with something other than a parameter kernel")
+      return [None]
+    c_in = kshape[rspec[1]]
+    c_out = kshape[rspec[0]]
+    o = np.arange(c_out) // (c_out // groups)
+    i = np.arange(c_in)
+    channel = o[None, :] * c_in + i[:, None]  # [in, out] -> input channel read
+    consumed = per_channel[channel]
+    kunits = _place_2d(consumed, rspec[1], rspec[0], kshape)
+    tr.record("consumer", rhs, kunits)
+  elif isinstance(rhs, Scaled):
+    return _taint_all(tr, tags, "convolution with a scaled kernel")
+  if isinstance(rhs, ParamView) and _is_full_view(tr, rhs):
+    new = tr.new_units(kshape[rspec[0]], rhs.path)
+    tr.record("producer", rhs, _place(new, [rspec[0]], kshape))
+    return [Scaled(_place(new, [ospec[1]], out_shape).copy())]
+  if isinstance(rhs, ParamView):
+    tr.taint(rhs.path, "used as a transformed kernel")
+  if isinstance(lhs, ParamView):
+    tr.taint(lhs.path, "convolved as an input")
+  return [None]
+
+
+def _place_2d(values, dim_a, dim_b, shape):
+  """Broadcasts ``values[a, b]`` over dims (dim_a, dim_b) of ``shape``."""
+  if dim_a > dim_b:
+    values, dim_a, dim_b = values.T, dim_b, dim_a
+  expanded = values.reshape([shape[d] if d in (dim_a, dim_b) else 1 for d in range(len(shape))])
+  return np.broadcast_to(expanded, shape)
+
+
+_SUB_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def _sub_jaxpr(eqn):
+  for name in _SUB_JAXPR_PARAMS:
+    sub = eqn.params.get(name)
+    if isinstance(sub, jcore.ClosedJaxpr):
+      return sub.jaxpr, sub.consts
+    if isinstance(sub, jcore.Jaxpr):
+      return sub, ()
+  return None
+
+
+def _where(eqn) -> str:
+  try:
+    from jax._src import source_info_util
+    return source_info_util.summarize(eqn.source_info)
+  except Exception:  # pragma: no cover - best effort
+    return "?"
+
+
+def _interpret(tr: Tracer, jaxpr, consts, in_tags) -> list:
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    if isinstance(v, jcore.Literal):
+      return np.asarray(v.val)
+    return env.get(v)
+
+  for v in jaxpr.constvars:
+    # Closed-over arrays (e.g. batch statistics) may change later: their values
+    # are not trusted, only jaxpr literals and what is computed from them.
+    env[v] = None
+  del consts
+  for v, t in zip(jaxpr.invars, in_tags):
+    env[v] = t
+  for eqn in jaxpr.eqns:
+    tags = [read(v) for v in eqn.invars]
+    tr.where, tr.primitive = _where(eqn), eqn.primitive.name
+    involved = any(isinstance(t, (Scaled, ParamView)) for t in tags)
+    if not involved:
+      outs = [None] * len(eqn.outvars)
+      if all(isinstance(t, np.ndarray) for t in tags) and eqn.primitive.name in (
+          "broadcast_in_dim", "convert_element_type", "reshape"):
+        try:
+          outs = [np.asarray(eqn.primitive.bind(*tags, **eqn.params))]
+        except Exception:
+          pass
+    else:
+      sub = _sub_jaxpr(eqn)
+      rule = RULES.get(eqn.primitive.name)
+      if sub is not None and rule is None:
+        outs = _interpret(tr, sub[0], sub[1], tags)
+      elif rule is None:
+        outs = _taint_all(tr, tags, f"pass through {eqn.primitive.name}, which has no tracer rule")
+        outs = [None] * len(eqn.outvars)
+      else:
+        try:
+          outs = rule(tr, eqn, tags)
+        except _Stop as e:
+          _taint_all(tr, tags, str(e))
+          outs = [None] * len(eqn.outvars)
+    for v, t in zip(eqn.outvars, outs):
+      env[v] = t
+  return [read(v) for v in jaxpr.outvars]
+
+
+@dataclasses.dataclass
+class TraceReport:
+  """What `trace_graph` found: the graph, and the units it had to leave out, and why."""
+
+  graph: RescalingGraph
+  stopped: list[str]
+
+  def describe(self) -> str:
+    lines = [self.graph.describe()]
+    if self.stopped:
+      lines.append("Not rescalable:")
+      lines += [f"  - {s}" for s in self.stopped]
+    return "\n".join(lines)
+
+  def __str__(self) -> str:
+    return self.describe()
+
+
+def trace_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
+                explain: bool = False, **example_kwargs) -> RescalingGraph | TraceReport:
+  """Derives the `RescalingGraph` of ``apply_fn(params, *example_args)`` automatically.
+
+  Every group of hidden units whose positive rescaling leaves the output
+  unchanged is found by following each parameter kernel's output channels
+  through the jaxpr: through ReLU/leaky ReLU, max- and average-pooling,
+  reshapes (flatten gives strided index maps), transposes, slices, pads,
+  concatenations, bias adds, products with unscaled factors, residual adds
+  (which merge groups), eval-mode BatchNorm (pass the full variables, so the
+  running mean is a leaf) and ``jit``/``custom_jvp``/``custom_vjp``/remat
+  sub-jaxprs. Any other op stops the units it touches.
+
+  Args:
+    apply_fn: ``apply_fn(params, *example_args, **example_kwargs)``.
+    params: the pytree whose leaves may be rescaled; graph paths point into it.
+      For Linen use ``lambda p, x: model.apply({'params': p}, x)``; for NNX,
+      ``lambda s, x: nnx.merge(graphdef, s)(x)`` with ``graphdef, s = nnx.split(model)``.
+    *example_args: example inputs (batch size 1 is enough; only shapes matter).
+    explain: return a `TraceReport` that also lists, in words, which op stopped
+      which layer's units.
+
+  Returns:
+    The `RescalingGraph` (or a `TraceReport` if ``explain``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, enorm_jax
+    >>> mlp = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> params = mlp.init(jax.random.key(0), jnp.ones((1, 4)))['params']
+    >>> graph = enorm_jax.trace_graph(lambda p, x: mlp.apply({'params': p}, x), params,
+    ...                               jnp.ones((1, 4)))
+    >>> graph.num_units
+    8
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  paths = [_paths.key_path_str(kp) for kp, _ in flat]
+  leaves = [leaf for _, leaf in flat]
+  shapes = {p: tuple(np.shape(leaf)) for p, leaf in zip(paths, leaves)}
+  closed = jax.make_jaxpr(lambda p: apply_fn(p, *example_args, **example_kwargs))(params)
+  tr = Tracer(shapes)
+  in_tags = [ParamView(p, np.arange(int(np.prod(s)), dtype=np.int64).reshape(s))
+             if np.issubdtype(np.asarray(leaf).dtype if not hasattr(leaf, "dtype") else
+                              leaf.dtype, np.floating) else None
+             for p, s, leaf in zip(paths, shapes.values(), leaves)]
+  outs = _interpret(tr, closed.jaxpr, closed.consts, in_tags)
+  tr.where, tr.primitive = "the function's output", "output"
+  for t in outs:
+    if isinstance(t, Scaled):
+      tr.stop(t.units, "are outputs of the function, not hidden units")
+    elif isinstance(t, ParamView):
+      tr.taint(t.path, "returned as an output")
+  graph, stopped = _build_graph(tr, paths)
+  if explain:
+    return TraceReport(graph, stopped)
+  return graph
+
+
+def _build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str]]:
+  classes: dict[int, list[int]] = collections.defaultdict(list)
+  for u in range(tr.next_unit):
+    classes[tr.find(u)].append(u)
+  # Per class: which (role, path) leaves it touches, in order of first appearance.
+  signature: dict[int, dict[tuple[str, str], None]] = collections.defaultdict(dict)
+  leaf_classes: dict[tuple[str, str], np.ndarray] = {}
+  for role, path, units in tr.events:
+    key = (role, path)
+    roots = np.where(units >= 0, np.vectorize(tr.find, otypes=[np.int64])(
+        np.maximum(units, 0)) if units.size else units, UNSCALED)
+    if key in leaf_classes:
+      prev = leaf_classes[key]
+      clash = (prev >= 0) & (roots >= 0) & (prev != roots)
+      if clash.any():
+        for a, b in set(zip(prev[clash].tolist(), roots[clash].tolist())):
+          tr.stopped.setdefault(a, f"{path} is rescaled by two different units")
+          tr.stopped.setdefault(b, f"{path} is rescaled by two different units")
+      roots = np.where(prev >= 0, prev, roots)
+    leaf_classes[key] = roots
+    for r in np.unique(roots[roots >= 0]).tolist():
+      signature[r][key] = None
+  reasons: dict[str, str] = {}
+  valid = {}
+  for root, members in classes.items():
+    sig = signature.get(root, {})
+    roles = {role for role, _ in sig}
+    touched = {p for _, p in sig}
+    problem = next((tr.stopped[u] for u in members if u in tr.stopped), None)
+    if problem is None:
+      problem = next((f"{p} is {tr.tainted[p]}" for p in touched if p in tr.tainted), None)
+    if problem is None and not {"producer", "consumer"} <= roles:
+      problem = "not read by any later parameterized layer" if "producer" in roles \
+          else "not produced by a parameterized layer"
+    if problem is None and any(("producer", p) in sig and ("consumer", p) in sig
+                               for p in touched):
+      problem = "a parameter both produces and consumes the same units (weight sharing)"
+    if problem is None:
+      valid[root] = tuple(sig)
+    else:
+      producer = tr.unit_producer[root]
+      reasons.setdefault(f"{producer.rsplit('/', 1)[0]} outputs", problem)
+  by_signature: dict[tuple, list[int]] = collections.defaultdict(list)
+  for root, sig in valid.items():
+    by_signature[sig].append(root)
+  groups = []
+  for sig, roots in by_signature.items():
+    group, problem = _make_group(sig, set(roots), leaf_classes)
+    anchor = next(p for role, p in sig if role == "producer")
+    if group is None:
+      reasons.setdefault(f"{anchor.rsplit('/', 1)[0]} outputs", problem)
+    else:
+      first = min(classes[r][0] for r in roots)
+      groups.append((first, group))
+  groups.sort(key=lambda g: g[0])
+  stopped = [f"{k}: {v}" for k, v in reasons.items()]
+  return RescalingGraph(tuple(g for _, g in groups)), stopped
+
+
+def _make_group(sig, roots, leaf_classes):
+  order = None
+  entries = collections.defaultdict(list)
+  for role, path in sig:
+    classes = np.where(np.isin(leaf_classes[(role, path)], list(roots)),
+                       leaf_classes[(role, path)], UNSCALED)
+    fit = _fit_entry(path, classes, len(roots))
+    if fit is None:
+      return None, f"{path}: its units do not form an axis-aligned layout"
+    entry, sequence = fit
+    if order is None:
+      order = sequence
+    elif sequence != order:
+      return None, f"{path}: its units are in a different order than the group's"
+    entries[role].append(entry)
+  anchor = next(p for role, p in sig if role == "producer")
+  name = f"{anchor.rsplit('/', 1)[0]} outputs"
+  return Group(len(order), tuple(entries["producer"]), tuple(entries["consumer"]),
+               carried=tuple(entries["carried"]), biases=tuple(entries["bias"]),
+               name=name), None
+
+
+def _divisors(n):
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _candidate_views(shape):
+  """(view, axes) candidates, from simplest to most general."""
+  shape = tuple(shape)
+  for a in range(len(shape)):
+    yield None, (a,)
+  for a in range(len(shape)):
+    for outer in _divisors(shape[a]):
+      for inner in _divisors(shape[a] // outer):
+        if outer == 1 and inner == 1:
+          continue
+        mid = shape[a] // (outer * inner)
+        yield shape[:a] + (outer, mid, inner) + shape[a + 1:], (a + 1,)
+  for a, b in itertools.permutations(range(len(shape)), 2):
+    for g in _divisors(shape[b])[1:]:
+      view = shape[:b] + (g, shape[b] // g) + shape[b + 1:]
+      a_view = a if a < b else a + 1
+      yield view, (b, a_view)
+
+
+def _fit_entry(path, classes, n):
+  """An `Entry` whose unit sequence reproduces ``classes`` (element -> class or -1)."""
+  for view, axes in _candidate_views(classes.shape):
+    v = classes if view is None else classes.reshape(view)
+    rest = [d for d in range(v.ndim) if d not in axes]
+    moved = np.transpose(v, list(axes) + rest).reshape(
+        int(np.prod([v.shape[a] for a in axes])), -1)
+    if (moved.min(axis=1) != moved.max(axis=1)).any():
+      continue
+    seq = moved[:, 0]
+    inside = np.nonzero(seq >= 0)[0]
+    if len(inside) != n or inside[-1] - inside[0] + 1 != n:
+      continue
+    sequence = seq[inside[0]:inside[-1] + 1].tolist()
+    if len(set(sequence)) != n:
+      continue
+    axis = axes[0] if len(axes) == 1 else axes
+    return Entry(path, axis, view=view, offset=int(inside[0])), sequence
+  return None
