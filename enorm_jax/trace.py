@@ -83,10 +83,20 @@ class Tracer:
     return root
 
   def union(self, a: np.ndarray, b: np.ndarray) -> None:
-    for x, y in set(zip(a.ravel().tolist(), b.ravel().tolist())):
+    a, b = np.ravel(a), np.ravel(b)
+    differ = a != b
+    if not differ.any():
+      return
+    base = self.next_unit + 1
+    keys = np.unique(a[differ] * base + b[differ])
+    for x, y in zip((keys // base).tolist(), (keys % base).tolist()):
       rx, ry = self.find(x), self.find(y)
       if rx != ry:
         self.parent[max(rx, ry)] = min(rx, ry)
+
+  def roots(self) -> np.ndarray:
+    """Lookup table: unit -> its class representative."""
+    return np.array([self.find(u) for u in range(self.next_unit)], np.int64)
 
   def stop(self, units: np.ndarray, reason: str) -> None:
     for u in np.unique(units[units >= 0]).tolist():
@@ -101,12 +111,12 @@ class Tracer:
     shape = self.leaf_shapes[view.path]
     leaf_units = np.full(int(np.prod(shape)), UNSCALED, np.int64)
     index = np.broadcast_to(view.index, units.shape).ravel()
-    flat_units = units.ravel()
+    flat_units = np.ravel(units)
     mask = (index >= 0) & (flat_units >= 0)
-    for i, u in set(zip(index[mask].tolist(), flat_units[mask].tolist())):
-      if leaf_units[i] >= 0 and leaf_units[i] != u:
-        self.union(np.array([leaf_units[i]]), np.array([u]))
-      leaf_units[i] = u
+    index, flat_units = index[mask], flat_units[mask]
+    leaf_units[index] = flat_units
+    # An element reached with two units (e.g. a broadcast bias) ties them together.
+    self.union(leaf_units[index], flat_units)
     self.events.append((role, view.path, leaf_units.reshape(shape)))
 
 
@@ -536,7 +546,7 @@ def _is_full_view(tr, view: ParamView) -> bool:
   sliced or padded kernel, but not a broadcast or a repeated one)."""
   index = np.asarray(view.index)
   used = index[index >= 0]
-  return used.size > 0 and len(np.unique(used)) == used.size
+  return used.size > 0 and int(np.bincount(used).max()) <= 1
 
 
 @_rule("conv_general_dilated")
@@ -731,15 +741,15 @@ def trace_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
 
 def _build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str]]:
   classes: dict[int, list[int]] = collections.defaultdict(list)
-  for u in range(tr.next_unit):
-    classes[tr.find(u)].append(u)
+  for u, root in enumerate(tr.roots().tolist()):
+    classes[root].append(u)
   # Per class: which (role, path) leaves it touches, in order of first appearance.
   signature: dict[int, dict[tuple[str, str], None]] = collections.defaultdict(dict)
   leaf_classes: dict[tuple[str, str], np.ndarray] = {}
+  table = tr.roots()
   for role, path, units in tr.events:
     key = (role, path)
-    roots = np.where(units >= 0, np.vectorize(tr.find, otypes=[np.int64])(
-        np.maximum(units, 0)) if units.size else units, UNSCALED)
+    roots = np.where(units >= 0, table[np.maximum(units, 0)], UNSCALED)
     if key in leaf_classes:
       prev = leaf_classes[key]
       clash = (prev >= 0) & (roots >= 0) & (prev != roots)
