@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.cifar10 import input_pipeline, train
-from experiments.common import trainer
+from experiments.common import methods, trainer
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
@@ -20,6 +20,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   state = trainer.Checkpoints(workdir).restore_latest(setup.state)
   if state is None:
     raise FileNotFoundError(f"No readable checkpoint in {workdir}/checkpoints.")
-  _, eval_fn = train.make_steps(setup, config, mesh)
+  _, eval_fn = methods.make_steps(setup, config, mesh)
   metrics = train.evaluate_splits(eval_fn, state, ds, config, mesh, [split])
   return {"step": int(state.step), **metrics}

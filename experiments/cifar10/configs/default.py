@@ -41,5 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1
   config.eval_batch_size = 1000
   config.num_devices = 0                       # 0 -> all devices
+  config.bn_scope = "global"                   # BatchNorm statistics: "global" or "device"
   config.stop_at_step = 0                      # > 0: stop there, as if preempted (tests)
   return config
