@@ -127,10 +127,11 @@ def train_step(setup: Setup, config, state: trainer.TrainState, batch, mesh=None
   then averaged over devices. Otherwise one global-batch computation is
   partitioned by XLA (BatchNorm statistics over the global batch).
   """
-  grads_fn = functools.partial(_gradients, setup, config)
+  local_grads = functools.partial(_gradients, setup, config)
+  grads_fn = local_grads
   if config.get("bn_scope", "global") == "device" and mesh is not None:
     def per_device(state, batch):
-      out = grads_fn(state, batch)
+      out = local_grads(state, batch)
       return jax.tree.map(lambda x: jax.lax.pmean(x, "data"), out)
     grads_fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")),
                              out_specs=P(), check_vma=False)

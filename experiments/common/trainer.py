@@ -144,7 +144,8 @@ def fit(state: TrainState, *, train_step: Callable, batches: Callable[[int], Ite
         mesh: Mesh, total_steps: int, steps_per_epoch: int, workdir: str,
         evaluate: Callable[[TrainState], dict[str, float]],
         checkpoint_every_steps: int, log_every_steps: int, eval_every_epochs: int = 1,
-        stop_at_step: int = 0, desc: str = "train") -> tuple[TrainState, dict[str, float]]:
+        stop_at_step: int = 0, images_per_step: int = 0, desc: str = "train"
+        ) -> tuple[TrainState, dict[str, float]]:
   """The training loop: resume, step, log, evaluate per epoch, checkpoint.
 
   ``batches(start_step)`` yields host batches from ``start_step`` on. Returns the
@@ -181,6 +182,8 @@ def fit(state: TrainState, *, train_step: Callable, batches: Callable[[int], Ite
               f"checkpoint is kept in {checkpoints.directory}. Lower the learning rate "
               "or check the data.")
         summary["steps_per_second"] = seen / (time.perf_counter() - t0)
+        if images_per_step:
+          summary["images_per_second"] = summary["steps_per_second"] * images_per_step
         t0, seen = time.perf_counter(), 0
         writer.write(done, {f"train_{k}": v for k, v in summary.items()})
         bar.set_postfix(loss=f"{summary['loss']:.4f}", refresh=False)
