@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
@@ -58,7 +59,8 @@ class Tracer:
     self.leaf_shapes = leaf_shapes
     self.next_unit = 0
     self.parent: dict[int, int] = {}
-    self.events: list[tuple[str, str, np.ndarray]] = []  # (role, path, leaf units)
+    # (role, path) -> unit of each leaf element (-1: none), in order of first use.
+    self.leaf_units: dict[tuple[str, str], np.ndarray] = {}
     self.unit_producer: dict[int, str] = {}
     self.stopped: dict[int, str] = {}
     self.tainted: dict[str, str] = {}
@@ -115,9 +117,16 @@ class Tracer:
     mask = (index >= 0) & (flat_units >= 0)
     index, flat_units = index[mask], flat_units[mask]
     leaf_units[index] = flat_units
-    # An element reached with two units (e.g. a broadcast bias) ties them together.
+    # An element reached with two units (a broadcast bias, a kernel applied twice)
+    # is rescaled by both factors at once, so they must be equal: tie them.
     self.union(leaf_units[index], flat_units)
-    self.events.append((role, view.path, leaf_units.reshape(shape)))
+    key = (role, view.path)
+    if key in self.leaf_units:
+      prev = self.leaf_units[key].ravel()
+      both = (prev >= 0) & (leaf_units >= 0)
+      self.union(prev[both], leaf_units[both])
+      leaf_units = np.where(leaf_units >= 0, leaf_units, prev)
+    self.leaf_units[key] = leaf_units.reshape(shape)
 
 
 RuleFn = Callable[[Tracer, Any, list], list]
@@ -208,7 +217,7 @@ for _name, _fn in (("reshape", _reshape), ("transpose", _transpose),
        "optimization_barrier")
 def _identity(tr, eqn, tags):
   if eqn.primitive.name == "convert_element_type" and isinstance(tags[0], Scaled):
-    if not np.issubdtype(np.dtype(eqn.params["new_dtype"]), np.floating):
+    if not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
       raise _Stop("conversion to a non-float type")
   return list(tags[:len(eqn.outvars)])
 
@@ -723,8 +732,7 @@ def trace_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
   closed = jax.make_jaxpr(lambda p: apply_fn(p, *example_args, **example_kwargs))(params)
   tr = Tracer(shapes)
   in_tags = [ParamView(p, np.arange(int(np.prod(s)), dtype=np.int64).reshape(s))
-             if np.issubdtype(np.asarray(leaf).dtype if not hasattr(leaf, "dtype") else
-                              leaf.dtype, np.floating) else None
+             if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) else None
              for p, s, leaf in zip(paths, shapes.values(), leaves)]
   outs = _interpret(tr, closed.jaxpr, closed.consts, in_tags)
   tr.where, tr.primitive = "the function's output", "output"
@@ -747,17 +755,8 @@ def _build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str
   signature: dict[int, dict[tuple[str, str], None]] = collections.defaultdict(dict)
   leaf_classes: dict[tuple[str, str], np.ndarray] = {}
   table = tr.roots()
-  for role, path, units in tr.events:
-    key = (role, path)
+  for key, units in tr.leaf_units.items():
     roots = np.where(units >= 0, table[np.maximum(units, 0)], UNSCALED)
-    if key in leaf_classes:
-      prev = leaf_classes[key]
-      clash = (prev >= 0) & (roots >= 0) & (prev != roots)
-      if clash.any():
-        for a, b in set(zip(prev[clash].tolist(), roots[clash].tolist())):
-          tr.stopped.setdefault(a, f"{path} is rescaled by two different units")
-          tr.stopped.setdefault(b, f"{path} is rescaled by two different units")
-      roots = np.where(prev >= 0, prev, roots)
     leaf_classes[key] = roots
     for r in np.unique(roots[roots >= 0]).tolist():
       signature[r][key] = None

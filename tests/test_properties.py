@@ -144,3 +144,13 @@ def test_rescaled_momentum_is_gradient_at_balanced_params(net):
   _, scales = enorm_jax.balance(stepped, graph)
   expected = jax.grad(loss)(enorm_jax.rescale(params, scales, graph))
   chex.assert_trees_all_close(state.inner_state[0].trace, expected, rtol=1e-3, atol=1e-6)
+
+
+@given(networks())
+def test_traced_graph_matches_declared_graph_and_checks(net):
+  """The tracer finds exactly the declared groups of every random architecture."""
+  from tests.test_trace import canonical
+  apply, params, graph, x = net
+  traced = enorm_jax.trace_graph(apply, params, x[:1])
+  assert canonical(traced, params) == canonical(graph, params)
+  enorm_jax.check_graph(apply, params, traced, x)

@@ -186,6 +186,8 @@ def test_tanh_and_layernorm_are_reported():
   text = report.describe()
   assert "Dense_0 outputs" in text and "tanh" in text
   assert "Dense_1 outputs" in text and "square" in text  # LayerNorm's variance
+  enorm_jax.check_graph(linen_fn(model), params, report.graph,
+                        jax.random.normal(KEY, (4, 4)))
 
 
 # --- one small numeric test per primitive rule ---------------------------------
@@ -235,6 +237,41 @@ PRIMITIVE_CASES = {
 }
 
 
+PRIMITIVE_CASES.update({
+    # Reversing the units themselves is a permutation an Entry cannot express (0
+    # units: missed, never wrong); reversing a spatial axis keeps them.
+    "rev_units": (lambda p, x: jnp.flip(jax.nn.relu(x @ p["a"]), axis=-1) @ p["b"],
+                  {"a": _w(3, 4), "b": _w(4, 2)}, (2, 3), 0),
+    "rev_spatial": (lambda p, x: jnp.flip(jax.nn.relu(jax.lax.conv_general_dilated(
+        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))), axis=1)
+        .reshape(x.shape[0], -1) @ p["b"], {"k": _w(3, 3, 2, 5), "b": _w(4 * 4 * 5, 2)},
+        (2, 4, 4, 2), 5),
+    "neg_min": (lambda p, x: -jnp.minimum(-(x @ p["a"]), 0) @ p["b"],
+                {"a": _w(3, 4), "b": _w(4, 2)}, (2, 3), 4),
+    "abs": (lambda p, x: jnp.abs(x @ p["a"]) @ p["b"], {"a": _w(3, 4), "b": _w(4, 2)},
+            (2, 3), 4),
+    "convert_element_type": (lambda p, x: jax.nn.relu(x @ p["a"]).astype(jnp.bfloat16)
+                             .astype(jnp.float32) @ p["b"],
+                             {"a": _w(3, 4), "b": _w(4, 2)}, (2, 3), 4, 1e-2),  # bf16 rounding
+    "squeeze_expand_dims": (lambda p, x: jnp.squeeze(jnp.expand_dims(
+        jax.nn.relu(x @ p["a"]), 1), 1) @ p["b"], {"a": _w(3, 4), "b": _w(4, 2)}, (2, 3), 4),
+    "global_max_pool": (lambda p, x: jnp.max(jax.nn.relu(
+        jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))),
+        axis=(1, 2)) @ p["b"], {"k": _w(3, 3, 2, 5), "b": _w(5, 2)}, (2, 6, 6, 2), 5),
+    "avg_pool_window_sum": (lambda p, x: nn.avg_pool(jax.nn.relu(
+        jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))),
+        (2, 2), (2, 2)).reshape(x.shape[0], -1) @ p["b"],
+        {"k": _w(3, 3, 2, 5), "b": _w(3 * 3 * 5, 2)}, (2, 6, 6, 2), 5),
+    "conv_nchw_oihw": (lambda p, x: jnp.mean(jax.nn.relu(jax.lax.conv_general_dilated(
+        x, p["k"], (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))),
+        axis=(2, 3)) @ p["b"], {"k": _w(5, 2, 3, 3), "b": _w(5, 2)}, (2, 2, 6, 6), 5),
+    "sign_select": (lambda p, x: jnp.where(jnp.sign(x @ p["a"]) > 0, x @ p["a"], 0.0) @ p["b"],
+                    {"a": _w(3, 4), "b": _w(4, 2)}, (2, 3), 4),
+})
+
+
 @jax.custom_vjp
 def _custom_relu(x):
   return jnp.maximum(x, 0)
@@ -247,12 +284,13 @@ PRIMITIVE_CASES["custom_vjp"] = (lambda p, x: _custom_relu(x @ p["a"]) @ p["b"],
 
 @pytest.mark.parametrize("name", sorted(PRIMITIVE_CASES))
 def test_primitive_rules(name):
-  fn, params, shape, units = PRIMITIVE_CASES[name]
+  fn, params, shape, units, *rtol = PRIMITIVE_CASES[name]
   x = jax.random.normal(KEY, shape)
   graph = enorm_jax.trace_graph(fn, params, x)
   assert graph.num_units == units
   if units:
-    enorm_jax.check_graph(fn, params, graph, jax.random.normal(jax.random.key(4), shape))
+    enorm_jax.check_graph(fn, params, graph, jax.random.normal(jax.random.key(4), shape),
+                          rtol=rtol[0] if rtol else 1e-4)
 
 
 def test_register_rule_extends_the_tracer():
