@@ -73,9 +73,13 @@ def make_step(model, x, y, tx, has_stats):
 
 
 def main():
-  args = _common.parser(__doc__).parse_args()
+  parser = _common.parser(__doc__)
+  parser.add_argument("--models", default="", help="comma-separated subset, e.g. ResNet-18C")
+  args = parser.parse_args()
   reps = 3 if args.quick else 15
   configs = CONFIGS[:2] if args.quick else CONFIGS
+  if args.models:
+    configs = [c for c in CONFIGS if c[0] in args.models.split(",")]
   records = []
   for name, make, shape, batch in configs:
     x = jax.random.normal(jax.random.key(0), shape)
@@ -93,11 +97,16 @@ def main():
       row[f"{variant}_ms"], _ = _common.median_ms(step, (params, stats, tx.init(params)), reps)
     for v in ("enorm", "bn", "gn"):
       row[f"{v}_overhead"] = row[f"{v}_ms"] / row["plain_ms"] - 1
+    for v in ("plain", "enorm", "bn", "gn"):
+      row[f"{v}_images_per_s"] = batch / row[f"{v}_ms"] * 1e3
     row["enorm_over_bn"] = row["enorm_overhead"] / row["bn_overhead"]
     row["enorm_over_gn"] = row["enorm_overhead"] / row["gn_overhead"]
     records.append(row)
   _common.emit(records, ["model", "batch_size", "plain_ms", "enorm_overhead", "bn_overhead",
                          "gn_overhead", "enorm_over_bn", "enorm_over_gn"], args.json)
+  print("\nThroughput (images/s):")
+  _common.emit(records, ["model", "batch_size", "plain_images_per_s", "enorm_images_per_s",
+                         "bn_images_per_s", "gn_images_per_s"], None)
   print("\nPaper Table 1 (elements touched; BN/GN per image, multiply by the batch size):")
   _common.emit(table1_counts(), ["model", "enorm_elements", "bn_gn_elements_per_image"], None)
 
