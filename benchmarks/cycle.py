@@ -26,7 +26,7 @@ def main():
     row = dict(model=name, params_m=n / 1e6)
     row["floor_ms"], params = _common.median_ms(floor, params, reps)
     for schedule in ("sequential", "parallel"):
-      cycle = jax.jit(lambda p, s=schedule: enorm_jax.balance(p, graph, schedule=s)[0],
+      cycle = jax.jit(lambda p, s=schedule, g=graph: enorm_jax.balance(p, g, schedule=s)[0],
                       donate_argnums=0)
       ms, params = _common.median_ms(cycle, params, reps)
       row[f"cycle_ms_{schedule}"] = ms

@@ -9,8 +9,6 @@ with GN instead. Overheads are fractions of the plain step's median time.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import optax

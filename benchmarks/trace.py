@@ -23,7 +23,7 @@ def main():
   for name, model in (("ResNet-18C", ResNet18C()), ("ResNet-50", ResNet50())):
     x = jnp.ones((1, 224, 224, 3))
     variables = model.init(jax.random.key(0), x)
-    fn = lambda v, x, m=model: m.apply(v, x)  # noqa: E731
+    fn = lambda v, x, m=model: m.apply(v, x)
     times = []
     for _ in range(reps):
       start = time.perf_counter()

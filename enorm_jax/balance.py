@@ -85,7 +85,7 @@ class _Plan:
   by_leaf: dict[str, tuple[tuple[int, ResolvedEntry, int], ...]]
 
   @classmethod
-  def build(cls, graph: RescalingGraph, leaves: dict[str, Any]) -> "_Plan":
+  def build(cls, graph: RescalingGraph, leaves: dict[str, Any]) -> _Plan:
     groups = graph.resolve(leaves)
     by_leaf: dict[str, list] = {}
     for gi, g in enumerate(groups):

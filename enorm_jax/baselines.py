@@ -50,7 +50,7 @@ def scale_by_path_norm(apply_fn: Callable[[Any, jax.Array], jax.Array],
     if params is None:
       raise ValueError("scale_by_path_norm needs params: call tx.update(grads, state, params).")
     kappa = path_norm_scaling(params, apply_fn, example_input)
-    ok = lambda k: (k > 0) & jnp.isfinite(k)  # noqa: E731
+    ok = lambda k: (k > 0) & jnp.isfinite(k)
     updates = jax.tree.map(lambda u, k: jnp.where(ok(k), u / jnp.where(ok(k), k, 1.0), u)
                            .astype(u.dtype), updates, kappa)
     return updates, state

@@ -70,7 +70,7 @@ class Entry:
   def axes(self) -> tuple[int, ...]:
     return self.axis if isinstance(self.axis, tuple) else (self.axis,)
 
-  def resolved(self, shape: Sequence[int]) -> "ResolvedEntry":
+  def resolved(self, shape: Sequence[int]) -> ResolvedEntry:
     """Checks this entry against a parameter shape and normalizes its axes."""
     shape = tuple(shape)
     view = self.view if self.view is not None else shape
@@ -209,7 +209,7 @@ class RescalingGraph:
     """
     self.resolve(_paths.leaves_by_path(params))
 
-  def resolve(self, leaves: Mapping[str, Any]) -> tuple["ResolvedGroup", ...]:
+  def resolve(self, leaves: Mapping[str, Any]) -> tuple[ResolvedGroup, ...]:
     """Resolves every entry against ``leaves`` (path -> array-like)."""
     return tuple(_resolve_group(g, leaves) for g in self.groups)
 

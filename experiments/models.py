@@ -157,10 +157,10 @@ class BasicBlockC(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
+    conv = lambda f, k, s, name: nn.Conv(
         f, (k, k), strides=(s, s), padding="SAME" if k > 1 else "VALID",
         use_bias=self.use_bias, kernel_init=kaiming, name=name)
-    norm = lambda name: _Norm(self.norm, self.gn_groups, self.bn_axis_name, name=name)  # noqa: E731
+    norm = lambda name: _Norm(self.norm, self.gn_groups, self.bn_axis_name, name=name)
     y = conv(self.features, 3, self.strides, "conv1")(x)
     y = nn.relu(norm("norm1")(y, train))
     y = conv(self.features, 3, 1, "conv2")(y)
@@ -257,7 +257,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)  # noqa: E731
+    bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
     y = nn.relu(bn()(nn.Conv(self.features, (1, 1), use_bias=False)(x)))
     y = nn.relu(bn()(nn.Conv(self.features, (3, 3), (self.strides, self.strides),
                              use_bias=False)(y)))

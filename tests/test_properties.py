@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import enorm_jax
 from experiments.models import ResNet18C
@@ -85,7 +86,7 @@ def networks(draw):
   if use_bias:  # non-zero biases make function preservation a real check
     params = jax.tree_util.tree_map_with_path(
         lambda kp, v: v + 0.1 if kp[-1].key == "bias" else v, params)
-  apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  apply = lambda p, x: model.apply({"params": p}, x)
   return apply, params, graph, x
 
 
@@ -135,7 +136,7 @@ def test_rescaled_momentum_is_gradient_at_balanced_params(net):
   starting params expressed in the balanced coordinates."""
   apply, params, graph, x = net
   target = jax.random.normal(jax.random.key(7), apply(params, x).shape)
-  loss = lambda p: jnp.sum((apply(p, x) - target) ** 2)  # noqa: E731
+  loss = lambda p: jnp.sum((apply(p, x) - target) ** 2)
   tx = enorm_jax.enorm(optax.sgd(1e-3, momentum=0.9), graph)
   state = tx.init(params)
   grads = jax.grad(loss)(params)

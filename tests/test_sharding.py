@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import enorm_jax
 from tests.test_balance import mlp_graph, mlp_params
@@ -86,6 +87,6 @@ def test_enorm_step_matches_single_device(mesh, dim):
   expected = jax.jit(step)(params, grads)
   shardings = (jax.tree.map(lambda _: NamedSharding(mesh, P()), params) if dim is None
                else fsdp_sharding(params, mesh, dim))
-  put = lambda t: jax.device_put(t, shardings)  # noqa: E731
+  put = lambda t: jax.device_put(t, shardings)
   out = jax.jit(step, in_shardings=(shardings, shardings))(put(params), put(grads))
   chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-7)

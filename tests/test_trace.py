@@ -89,7 +89,7 @@ class IdentityResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    bn = lambda: nn.BatchNorm(use_running_average=not train)  # noqa: E731
+    bn = lambda: nn.BatchNorm(use_running_average=not train)
     x = nn.relu(bn()(nn.Conv(self.width, (3, 3), use_bias=False)(x)))
     for _ in range(self.blocks):
       y = nn.relu(bn()(nn.Conv(self.width, (3, 3), use_bias=False)(x)))
@@ -139,7 +139,7 @@ def test_identity_resnet_with_eval_batchnorm():
   x = jax.random.normal(KEY, (1, 6, 6, 3))
   variables = model.init(jax.random.key(1), x)
   variables = jax.tree.map(lambda v: v + 0.1 * jax.random.uniform(KEY, v.shape), variables)
-  fn = lambda v, x: model.apply(v, x)  # noqa: E731
+  fn = lambda v, x: model.apply(v, x)
   graph = enorm_jax.trace_graph(fn, variables, x)
   # stem conv, merged residual stream, and per block conv1, BN1 and conv2 groups.
   assert graph.num_units == 4 * (2 + 3 * 2)
@@ -149,7 +149,7 @@ def test_identity_resnet_with_eval_batchnorm():
   xs = jax.random.normal(jax.random.key(2), (4, 6, 6, 3))
   enorm_jax.check_graph(fn, variables, graph, xs)
   # Train-mode BN: the units feeding a BN have a free scale; they are excluded.
-  train_fn = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0]  # noqa: E731
+  train_fn = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0]
   report = enorm_jax.trace_graph(train_fn, variables, x, explain=True)
   assert report.graph.num_units < graph.num_units
   enorm_jax.check_graph(train_fn, variables, report.graph, xs)
@@ -170,7 +170,7 @@ def test_nnx_model_paths_match_optimizer_tree():
   model = NnxNet(nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   x = jax.random.normal(KEY, (1, 5, 5, 3))
-  fn = lambda p, x: nnx.merge(graphdef, p)(x)  # noqa: E731
+  fn = lambda p, x: nnx.merge(graphdef, p)(x)
   graph = enorm_jax.trace_graph(fn, params, x)
   assert graph.num_units == 6 + 8
   assert {e.path for g in graph for e in g.producers} == {"conv/kernel", "fc1/kernel"}
@@ -358,7 +358,7 @@ def test_check_graph_catches_batchnorm_treated_as_transparent():
   model = FullyConnected(depth=2, width=8, norm="batch")
   x = jax.random.normal(KEY, (4, 12))
   variables = model.init(KEY, x)
-  fn = lambda p, x: model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x)  # noqa: E731
+  fn = lambda p, x: model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x)
   params = variables["params"]
   wrong = enorm_jax.chain_graph(params, ["Dense_0", "Dense_1", "Dense_2", "Dense_3"])
   with pytest.raises(ValueError, match="does not preserve"):
@@ -370,7 +370,7 @@ def test_check_graph_catches_batchnorm_treated_as_transparent():
 def test_check_graph_reports_dead_units():
   params = {"a": _w(3, 4), "b": _w(4, 2)}
   params["a"] = params["a"].at[:, 2].set(-10.0)  # unit 2 is negative on positive inputs
-  fn = lambda p, x: jax.nn.relu(x @ p["a"]) @ p["b"]  # noqa: E731
+  fn = lambda p, x: jax.nn.relu(x @ p["a"]) @ p["b"]
   graph = enorm_jax.trace_graph(fn, params, jnp.ones((1, 3)))
   report = enorm_jax.check_graph(fn, params, graph, jnp.abs(jax.random.normal(KEY, (5, 3))))
   assert list(report.unexercised.values()) == [[2]]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments.cifar10 import train
-from experiments.cifar10.train_test import image_folder, small_config  # noqa: F401
+from experiments.cifar10.train_test import small_config
 from experiments.common import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,7 +42,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
   assert "unreadable" in caplog.text and "falling back" in caplog.text
 
 
-def test_unwritable_workdir_fails_at_start_up(image_folder, tmp_path):  # noqa: F811
+def test_unwritable_workdir_fails_at_start_up(image_folder, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
   config = small_config(image_folder, tmp_path)
@@ -72,7 +72,7 @@ def _main_command(config_overrides, workdir):
 
 
 @pytest.mark.slow
-def test_sigkill_restarts_end_with_uninterrupted_params(image_folder, tmp_path):  # noqa: F811
+def test_sigkill_restarts_end_with_uninterrupted_params(image_folder, tmp_path):
   overrides = dict(data_dir=image_folder, cache_dir=str(tmp_path / "cache"), num_validation=24,
                    batch_size=16, eval_batch_size=16, num_epochs=6, depth=2, width=32,
                    method="enorm", checkpoint_every_steps=2, log_every_steps=2)

@@ -97,6 +97,11 @@ def conv_table(records) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _write(path, table):
+  with open(path, "w") as f:
+    f.write(table + "\nMade by `python -m experiments.cifar10.report`.\n")
+
+
 def main(argv):
   del argv
   d = _RESULTS_DIR.value
@@ -105,17 +110,17 @@ def main(argv):
     path = os.path.join(d, f"{name}.json")
     if not os.path.exists(path):
       continue
-    records = json.load(open(path))
+    with open(path) as f:
+      records = json.load(f)
     table, best = fc_table(records, title)
-    open(os.path.join(d, f"{name}.md"), "w").write(
-        table + "\nMade by `python -m experiments.cifar10.report`.\n")
+    _write(os.path.join(d, f"{name}.md"), table)
     fc_figure(best, os.path.join(d, f"{name}.png"), title)
     print(table)
   path = os.path.join(d, "cifar10_conv.json")
   if os.path.exists(path):
-    table = conv_table(json.load(open(path)))
-    open(os.path.join(d, "cifar10_conv.md"), "w").write(
-        table + "\nMade by `python -m experiments.cifar10.report`.\n")
+    with open(path) as f:
+      table = conv_table(json.load(f))
+    _write(os.path.join(d, "cifar10_conv.md"), table)
     print(table)
 
 

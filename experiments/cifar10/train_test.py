@@ -1,32 +1,13 @@
 """Fast end-to-end tests of the CIFAR-10 experiment on a small generated ImageFolder."""
 
-import os
-
 import chex
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from experiments.cifar10 import evaluate, input_pipeline, train
 from experiments.cifar10.configs import conv_reduced, fc
 from experiments.common import data as common
-
-CLASSES = [f"class{i}" for i in range(10)]
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-  """10 classes x 12 JPEGs of 32x32 whose colour depends on the class."""
-  root = tmp_path_factory.mktemp("cifar_folder")
-  rng = np.random.default_rng(0)
-  for label, name in enumerate(CLASSES):
-    os.makedirs(root / "train" / name)
-    for i in range(12):
-      base = np.full((32, 32, 3), 25 * label, np.uint8)
-      noise = rng.integers(0, 40, (32, 32, 3), dtype=np.uint8)
-      Image.fromarray(base + noise).save(root / "train" / name / f"{i}.jpg")
-  return str(root)
 
 
 def small_config(image_folder, tmp_path, model="fc", method="baseline", **overrides):

@@ -73,7 +73,7 @@ def create_setup(config: ml_collections.ConfigDict, model, example_input: jax.Ar
   if config.method in ("enorm", "enorm_impl"):
     graph = model.rescaling_graph(params)
   if config.method == "path_sgd":
-    apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    apply = lambda p, x: model.apply({"params": p}, x)
     tx = enorm_jax.path_sgd(schedule, apply, example_input)
   else:
     decay = optax.add_decayed_weights(config.weight_decay)
