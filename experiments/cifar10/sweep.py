@@ -76,8 +76,9 @@ def append_result(path, record):
 
 def fc_cells(stage, results_dir):
   cells = []
-  pairs = [(m, c, d) for d in (3, 15, 1, 5, 10, 19) for m, c in FC_MAIN]
-  pairs += [(m, c, d) for d in FC_EXTRA_DEPTHS for m, c in FC_EXTRA]
+  # Depths 3 and 15 for every method first, so a partial sweep compares them all.
+  pairs = [(m, c, d) for d in FC_EXTRA_DEPTHS for m, c in FC_MAIN + FC_EXTRA]
+  pairs += [(m, c, d) for d in (1, 5, 10, 19) for m, c in FC_MAIN]
   if stage == "search":
     for method, c, depth in pairs:
       groups = fc.GN_GROUPS if method == "gn" else (None,)
