@@ -26,7 +26,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -415,7 +414,3 @@ def chain_graph(params: Any, layers: Sequence[str]) -> RescalingGraph:
   graph.validate(params)
   return graph
 
-
-def tree_shapes(tree: Any) -> Any:
-  """A `jax.ShapeDtypeStruct` tree, handy for validating without data."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

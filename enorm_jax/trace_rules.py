@@ -145,10 +145,6 @@ def _is_const(tag, pred) -> bool:
   return isinstance(tag, np.ndarray) and bool(pred(tag))
 
 
-def _scaled_units(tag, var) -> np.ndarray:
-  return tag.units if isinstance(tag, Scaled) else np.full(_shape(var), UNSCALED, np.int64)
-
-
 def _broadcast_to(a, shape):
   return np.broadcast_to(a, shape) if a.shape != tuple(shape) else a
 
