@@ -25,8 +25,8 @@ from experiments.cifar10 import train
 from experiments.cifar10.configs import conv, conv_reduced, fc
 from experiments.common.trainer import NonFiniteLossError
 
-_SWEEP = flags.DEFINE_enum("sweep", "fc_search",
-                           ["fc_search", "fc_final", "conv_reduced"], "Which sweep.")
+_SWEEP = flags.DEFINE_enum("sweep", "fc", ["fc", "fc_search", "fc_final", "conv_reduced"],
+                           "Which sweep; 'fc' interleaves search and final runs by block.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "../shared/data/cifar10", "ImageFolder dir.")
 _WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "workdirs", "Parent of run workdirs.")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Results folder.")
@@ -36,7 +36,12 @@ SEARCH_EPOCHS = 10
 # (method, c) pairs; ENorm with c = 1 and 1.2.
 FC_MAIN = [("baseline", 1.0), ("enorm", 1.0), ("enorm", 1.2), ("bn", 1.0)]
 FC_EXTRA = [("gn", 1.0), ("path_sgd", 1.0), ("enorm_impl", 1.0)]
-FC_EXTRA_DEPTHS = (3, 15)
+# The full LR grid at depths 3 and 15 for every method. There the best LR was >= 0.01
+# in every cell that trained at all, so depths 1, 5, 10 and 19 search the top three.
+LATER_DEPTH_LRS = (0.01, 0.05, 0.1)
+FC_BLOCKS = (((3, 15), FC_MAIN + FC_EXTRA, fc.LEARNING_RATES),
+             ((1, 5, 10, 19), FC_MAIN, LATER_DEPTH_LRS))
+GN_FULL_GRID_DEPTH = 3
 CONV_METHODS = [("baseline", 1.0), ("bn", 1.0), ("gn", 1.0), ("enorm", 1.0), ("enorm", 1.2)]
 CONV_BATCH_SIZES = (8, 32, 128)
 KEY_FIELDS = ("method", "c", "depth", "batch_size", "momentum", "lr", "epochs", "seed",
@@ -74,28 +79,62 @@ def append_result(path, record):
   os.replace(tmp, path)
 
 
+def _key3(record):
+  return record["method"], record["c"], record["depth"]
+
+
+def _best(records):
+  done = [r for r in records if r["val_acc"] is not None]
+  return max(done, key=lambda r: r["val_acc"]) if done else None
+
+
+def _search_cells(method, c, depth, lrs, search):
+  """Search cells of one (method, c, depth); GN cells depend on earlier results."""
+  def cell(lr, groups=None):
+    return dict(method=method, c=c, depth=depth, lr=lr, epochs=SEARCH_EPOCHS,
+                gn_groups=groups)
+  if method != "gn":
+    return [cell(lr) for lr in lrs]
+  if depth == GN_FULL_GRID_DEPTH:
+    return [cell(lr, g) for g in fc.GN_GROUPS for lr in lrs]
+  # Coordinate search: the LR grid at the group count chosen at depth 3, then the
+  # other group counts at the LR chosen there.
+  chosen = _best([r for r in search if _key3(r) == (method, c, GN_FULL_GRID_DEPTH)])
+  if chosen is None:
+    return [cell(lr, 10) for lr in lrs]  # provisional until depth 3 is searched
+  groups = chosen["gn_groups"]
+  cells = [cell(lr, groups) for lr in lrs]
+  best_lr = _best([r for r in search if _key3(r) == (method, c, depth)
+                   and r["gn_groups"] == groups])
+  if best_lr is not None:
+    cells += [cell(best_lr["lr"], g) for g in fc.GN_GROUPS if g != groups]
+  return cells
+
+
 def fc_cells(stage, results_dir):
-  cells = []
-  # Depths 3 and 15 for every method first, so a partial sweep compares them all.
-  pairs = [(m, c, d) for d in FC_EXTRA_DEPTHS for m, c in FC_MAIN + FC_EXTRA]
-  pairs += [(m, c, d) for d in (1, 5, 10, 19) for m, c in FC_MAIN]
-  if stage == "search":
-    for method, c, depth in pairs:
-      groups = fc.GN_GROUPS if method == "gn" else (None,)
-      for g in groups:
-        for lr in fc.LEARNING_RATES:
-          cells.append(dict(method=method, c=c, depth=depth, lr=lr, epochs=SEARCH_EPOCHS,
-                            gn_groups=g))
-    return cells
+  """Cells of `stage` ('search', 'final' or 'all'), in priority order.
+
+  Blocks run in order: depths 3 and 15 for every method, then depths 1, 5, 10 and
+  19 for the main methods. With `stage='all'` a block's 60-epoch runs follow its
+  search, so a partial sweep already has final numbers for the first block.
+  """
   search = read_results(os.path.join(results_dir, "cifar10_fc_search.json"))
-  for method, c, depth in pairs:
-    candidates = [r for r in search if (r["method"], r["c"], r["depth"]) == (method, c, depth)
-                  and r["val_acc"] is not None]
-    if not candidates:
-      continue  # its search is not finished yet
-    best = max(candidates, key=lambda r: r["val_acc"])
-    cells.append(dict(method=method, c=c, depth=depth, lr=best["lr"], epochs=60,
-                      gn_groups=best.get("gn_groups")))
+  done = {cell_key(dict(r, batch_size=None, momentum=None, seed=None)) for r in search}
+  cells = []
+  for depths, pairs, lrs in FC_BLOCKS:
+    triples = [(m, c, d) for d in depths for m, c in pairs]
+    block_search = {t: _search_cells(*t, lrs, search) for t in triples}
+    if stage in ("search", "all"):
+      cells += [x for t in triples for x in block_search[t]]
+    if stage in ("final", "all"):
+      for t in triples:
+        todo = [x for x in block_search[t]
+                if cell_key(dict(x, batch_size=None, momentum=None, seed=None)) not in done]
+        best = _best([r for r in search if _key3(r) == t])
+        if todo or best is None:
+          continue  # its search is not finished yet
+        cells.append(dict(method=t[0], c=t[1], depth=t[2], lr=best["lr"], epochs=60,
+                          gn_groups=best.get("gn_groups"), stage="final"))
   return cells
 
 
@@ -130,42 +169,58 @@ def make_config(sweep, cell, data_dir):
   return config
 
 
+def pending_cells(sweep, results_dir):
+  """(cell, results path) pairs still to run, recomputed as results come in."""
+  if sweep == "conv_reduced":
+    tagged = [(c, "cifar10_conv.json") for c in conv_cells()]
+  else:
+    stage = "all" if sweep == "fc" else sweep.split("_")[1]
+    tagged = [(c, "cifar10_fc.json" if c.pop("stage", None) == "final"
+               else "cifar10_fc_search.json") for c in fc_cells(stage, results_dir)]
+  todo = []
+  for cell, name in tagged:
+    cell.setdefault("seed", 0)
+    path = os.path.join(results_dir, name)
+    if cell_key(make_record(sweep, cell)) not in {cell_key(r) for r in read_results(path)}:
+      todo.append((cell, path))
+  return todo
+
+
+def make_record(sweep, cell):
+  config = make_config(sweep, cell, "")
+  return dict(method=cell["method"], c=cell["c"], depth=cell.get("depth"),
+              batch_size=config.batch_size, momentum=config.momentum, lr=cell["lr"],
+              epochs=cell["epochs"], seed=cell["seed"], gn_groups=cell.get("gn_groups"),
+              width_multiplier=cell.get("width_multiplier"))
+
+
+def run_cell(sweep, cell, results):
+  config = make_config(sweep, cell, _DATA_DIR.value)
+  record = make_record(sweep, cell)
+  stage = os.path.splitext(os.path.basename(results))[0]
+  workdir = os.path.join(_WORKDIR_ROOT.value, stage, cell_name(record))
+  logging.info("Running %s", workdir)
+  start = time.time()
+  try:
+    metrics = train.train_and_evaluate(config, workdir)
+    metrics.pop("final_state")
+    record.update(val_acc=metrics["validation_acc"], test_acc=metrics.get("test_acc"),
+                  val_loss=metrics["validation_loss"], train_time_s=metrics["train_time_s"],
+                  diverged=False)
+  except NonFiniteLossError as e:
+    logging.warning("Cell diverged: %s", e)
+    record.update(val_acc=None, test_acc=None, val_loss=None,
+                  train_time_s=time.time() - start, diverged=True)
+  record["commit"] = commit_hash()
+  append_result(results, record)
+
+
 def main(argv):
   del argv
-  sweep = _SWEEP.value
-  if sweep == "conv_reduced":
-    cells, results = conv_cells(), "cifar10_conv.json"
-  else:
-    stage = sweep.split("_")[1]
-    cells = fc_cells(stage, _RESULTS_DIR.value)
-    results = "cifar10_fc_search.json" if stage == "search" else "cifar10_fc.json"
-  results = os.path.join(_RESULTS_DIR.value, results)
   os.makedirs(_RESULTS_DIR.value, exist_ok=True)
   new = 0
-  for cell in cells:
-    cell.setdefault("seed", 0)
-    config = make_config(sweep, cell, _DATA_DIR.value)
-    record = dict(method=cell["method"], c=cell["c"], depth=cell.get("depth"),
-                  batch_size=config.batch_size, momentum=config.momentum, lr=cell["lr"],
-                  epochs=cell["epochs"], seed=cell["seed"], gn_groups=cell.get("gn_groups"),
-                  width_multiplier=cell.get("width_multiplier"))
-    if cell_key(record) in {cell_key(r) for r in read_results(results)}:
-      continue
-    workdir = os.path.join(_WORKDIR_ROOT.value, f"cifar10_{sweep}", cell_name(record))
-    logging.info("Running %s", workdir)
-    start = time.time()
-    try:
-      metrics = train.train_and_evaluate(config, workdir)
-      metrics.pop("final_state")
-      record.update(val_acc=metrics["validation_acc"], test_acc=metrics.get("test_acc"),
-                    val_loss=metrics["validation_loss"], train_time_s=metrics["train_time_s"],
-                    diverged=False)
-    except NonFiniteLossError as e:
-      logging.warning("Cell diverged: %s", e)
-      record.update(val_acc=None, test_acc=None, val_loss=None,
-                    train_time_s=time.time() - start, diverged=True)
-    record["commit"] = commit_hash()
-    append_result(results, record)
+  while todo := pending_cells(_SWEEP.value, _RESULTS_DIR.value):
+    run_cell(_SWEEP.value, *todo[0])
     new += 1
     if _LIMIT.value and new >= _LIMIT.value:
       break
