@@ -26,6 +26,24 @@ def median_ms(step: Callable[[Any], Any], state: Any, reps: int, warmup: int = 2
   return statistics.median(times), state
 
 
+def interleaved_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], reps: int,
+                   warmup: int = 2) -> dict[str, float]:
+  """Median wall time (ms) of ``state = step(state)`` per named (step, state).
+
+  Each round calls every step once, so slow drifts of the machine hit all of
+  them alike; ratios between the medians are side-by-side comparisons.
+  """
+  states = {name: state for name, (_, state) in steps.items()}
+  times = {name: [] for name in steps}
+  for round_ in range(warmup + reps):
+    for name, (step, _) in steps.items():
+      t = time.perf_counter()
+      states[name] = jax.block_until_ready(step(states[name]))
+      if round_ >= warmup:
+        times[name].append((time.perf_counter() - t) * 1e3)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def paper_models(quick: bool):
   """(name, model, input shape) for the paper's architectures at benchmark shapes."""
   from experiments.models import CifarNV, FullyConnected, ResNet18C

@@ -3,19 +3,47 @@ r"""One ENorm cycle vs. the memory floor (read + write every parameter once).
     python -m benchmarks.cycle [--quick] [--json PATH]
 
 ``ratio = cycle_ms / floor_ms``: both are medians of jitted, donated calls,
-measured side by side in this process.
+timed in alternation (one call of each per round) in this process.
+``norms_ms`` times only the two per-unit reductions of every kernel (over its
+inputs and over its outputs) that any exact cycle needs; as a cycle must also
+write every weight, ``bound_ratio = 1 + norms_ms / floor_ms`` is what a perfect
+implementation built from XLA's reductions could reach on this machine.
+
+In alternation each call starts with the other steps' arrays in cache, as in a
+training step; ``--warm`` times each step in its own loop instead, where models
+that fit in the last-level cache make the floor much cheaper.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 import enorm_jax
 from benchmarks import _common
 
 
+def unit_norms(params):
+  """Per-unit sums of w^2 of every kernel over its input and its output channels.
+
+  The two reductions any exact cycle needs at least once per weight (no
+  dependencies between them, so this is a lower bound on their cost).
+  """
+  sums = []
+  for w in jax.tree.leaves(params):
+    if w.ndim >= 2:
+      sq = w * w
+      sums += [jnp.sum(sq, axis=tuple(range(w.ndim - 1))),
+               jnp.sum(sq, axis=tuple(range(w.ndim - 2)) + (w.ndim - 1,))]
+  return sums
+
+
 def main():
-  args = _common.parser(__doc__).parse_args()
+  parser = _common.parser(__doc__)
+  parser.add_argument("--warm", action="store_true",
+                      help="time each step in its own loop (weights stay in cache) "
+                           "instead of in alternation")
+  args = parser.parse_args()
   reps = 5 if args.quick else 30
   records = []
   for name, model, shape in _common.paper_models(args.quick):
@@ -23,18 +51,27 @@ def main():
     graph = model.rescaling_graph(params)
     n = sum(x.size for x in jax.tree.leaves(params))
     floor = jax.jit(lambda p: jax.tree.map(lambda w: w * 1.0001, p), donate_argnums=0)
-    row = dict(model=name, params_m=n / 1e6)
-    row["floor_ms"], params = _common.median_ms(floor, params, reps)
+    steps = {"floor": (floor, params)}
     for schedule in ("sequential", "parallel"):
       cycle = jax.jit(lambda p, s=schedule, g=graph: enorm_jax.balance(p, g, schedule=s)[0],
                       donate_argnums=0)
-      ms, params = _common.median_ms(cycle, params, reps)
-      row[f"cycle_ms_{schedule}"] = ms
+      steps[schedule] = (cycle, jax.tree.map(jnp.copy, params))
+    norms = jax.jit(unit_norms)
+    steps["norms"] = (lambda p: (jax.block_until_ready(norms(p)), p)[1],
+                      jax.tree.map(jnp.copy, params))
+    if args.warm:
+      ms = {k: _common.median_ms(step, state, reps)[0] for k, (step, state) in steps.items()}
+    else:
+      ms = _common.interleaved_ms(steps, reps)
+    row = dict(model=name, params_m=n / 1e6, floor_ms=ms["floor"],
+               cycle_ms_sequential=ms["sequential"], cycle_ms_parallel=ms["parallel"])
     row["cycle_ms"] = min(row["cycle_ms_sequential"], row["cycle_ms_parallel"])
     row["ratio"] = row["cycle_ms"] / row["floor_ms"]
+    row["norms_ms"] = ms["norms"]
+    row["bound_ratio"] = 1 + ms["norms"] / ms["floor"]
     records.append(row)
   _common.emit(records, ["model", "params_m", "floor_ms", "cycle_ms_sequential",
-                         "cycle_ms_parallel", "ratio"], args.json)
+                         "cycle_ms_parallel", "ratio", "norms_ms", "bound_ratio"], args.json)
 
 
 if __name__ == "__main__":

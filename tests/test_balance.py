@@ -289,3 +289,38 @@ def test_rescale_rejects_wrong_scales():
     enorm_jax.rescale(params, (jnp.ones(3), jnp.ones(3)), graph)
   with pytest.raises(ValueError, match=r"expected \(3,\)"):
     enorm_jax.rescale(params, (jnp.ones(4),), graph)
+
+
+def numpy_conv_chain_balance(kernels, biases, p, c, cycles, include_biases):
+  """Algorithm 1 on a chain of HWIO conv kernels, in float64, straight from eq. (5)."""
+  ks = [np.asarray(k, np.float64) for k in kernels]
+  bs = [np.asarray(b, np.float64) for b in biases]
+  for _ in range(cycles):
+    for g in range(len(ks) - 1):  # hidden group g sits between kernels g and g + 1
+      incoming = np.sum(np.abs(ks[g]) ** p, axis=(0, 1, 2))
+      if include_biases:
+        incoming = incoming + np.abs(bs[g]) ** p
+      outgoing = np.sum(np.abs(ks[g + 1]) ** p, axis=(0, 1, 3))
+      d = np.sqrt((outgoing / incoming) ** (1 / p)) / np.sqrt(c)
+      ks[g], bs[g] = ks[g] * d, bs[g] * d
+      ks[g + 1] = ks[g + 1] / d[:, None]
+  return ks, bs
+
+
+@pytest.mark.parametrize("p,c,include_biases", [(2.0, 1.0, False), (1.0, 1.2, True),
+                                                (3.0, 1.0, True)])
+def test_conv_chain_matches_numpy_algorithm1(p, c, include_biases):
+  """Conv kernels take the per-tap-summed path; 1x1 and 7x7 taps too."""
+  rng = np.random.default_rng(int(p * 10))
+  shapes = [(7, 7, 3, 6), (3, 3, 6, 5), (1, 1, 5, 7), (3, 3, 7, 4), (2, 2, 4, 3)]
+  params = {f"Conv_{k}": {
+      "kernel": jnp.asarray(rng.standard_normal(s) * np.exp(rng.standard_normal()), jnp.float32),
+      "bias": jnp.asarray(rng.standard_normal(s[-1]), jnp.float32)} for k, s in enumerate(shapes)}
+  graph = enorm_jax.chain_graph(params, list(params))
+  out, _ = balance_jit(params, graph=graph, p=p, c=c, cycles=4, include_biases=include_biases)
+  ref_k, ref_b = numpy_conv_chain_balance(
+      [params[n]["kernel"] for n in params], [params[n]["bias"] for n in params],
+      p, c, 4, include_biases)
+  for k, name in enumerate(params):
+    np.testing.assert_allclose(out[name]["kernel"], ref_k[k], rtol=3e-5, atol=1e-7)
+    np.testing.assert_allclose(out[name]["bias"], ref_b[k], rtol=3e-5, atol=1e-7)
