@@ -324,3 +324,40 @@ def test_conv_chain_matches_numpy_algorithm1(p, c, include_biases):
   for k, name in enumerate(params):
     np.testing.assert_allclose(out[name]["kernel"], ref_k[k], rtol=3e-5, atol=1e-7)
     np.testing.assert_allclose(out[name]["bias"], ref_b[k], rtol=3e-5, atol=1e-7)
+
+
+def test_repeated_single_cycles_do_not_drift_the_function():
+  """XLA divides via a rounded reciprocal, biased by +2^-24 for factors just below 1.
+
+  Unpaired, 300 one-cycle calls on a converged 20-layer chain drift its output
+  by 1e-4; with `_reciprocal_pair` the drift stays near 1e-5.
+  """
+  from experiments.appendix_a import apply, unbalanced_network
+  params = unbalanced_network(20, 48)
+  graph = enorm_jax.chain_graph(params, [f"Dense_{k}" for k in range(20)])
+  one_cycle = jax.jit(lambda p: enorm_jax.balance(p, graph)[0])
+  x = jax.random.normal(jax.random.key(1), (64, 48))
+  before = np.asarray(apply(params, x), np.float64)
+  current = params
+  for _ in range(300):
+    current = one_cycle(current)
+  after = np.asarray(apply(current, x), np.float64)
+  assert np.abs(after - before).max() / np.abs(before).max() < 3e-5
+
+
+def test_traced_cycle_count_compiles_once_and_matches_static():
+  params = mlp_params([6, 5, 5, 4], seed=11, spread=1.0)
+  graph = mlp_graph(params)
+  traces = []
+
+  def run(p, n):
+    traces.append(n)
+    return enorm_jax.balance(p, graph, cycles=n)[0]
+
+  run_jit = jax.jit(run)
+  for n in (3, 8):
+    chex.assert_trees_all_close(run_jit(params, n), balance_jit(params, graph=graph, cycles=n)[0],
+                                rtol=1e-6)
+  assert len(traces) == 1
+  with pytest.raises(ValueError, match="integer scalar"):
+    jax.jit(lambda p, n: enorm_jax.balance(p, graph, cycles=n))(params, 2.0)
