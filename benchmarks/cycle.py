@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 import enorm_jax
 from benchmarks import _common
+from experiments.models import ResNet50
 
 
 def unit_norms(params):
@@ -40,6 +41,18 @@ def unit_norms(params):
   return sums
 
 
+def models(quick: bool):
+  """(name, params, graph): the paper's models, then a traced ResNet-50 (eval BN)."""
+  for name, model, shape in _common.paper_models(quick):
+    params = _common.init_params(model, shape)
+    yield name, params, model.rescaling_graph(params)
+  if not quick:
+    model, x = ResNet50(), jnp.ones((1, 224, 224, 3))
+    variables = model.init(jax.random.key(0), x)
+    yield "ResNet-50 (traced)", variables, enorm_jax.trace_graph(
+        lambda v, x: model.apply(v, x), variables, x)
+
+
 def main():
   parser = _common.parser(__doc__)
   parser.add_argument("--warm", action="store_true",
@@ -48,9 +61,7 @@ def main():
   args = parser.parse_args()
   reps = 5 if args.quick else 30
   records = []
-  for name, model, shape in _common.paper_models(args.quick):
-    params = _common.init_params(model, shape)
-    graph = model.rescaling_graph(params)
+  for name, params, graph in models(args.quick):
     n = sum(x.size for x in jax.tree.leaves(params))
     floor = jax.jit(lambda p: jax.tree.map(lambda w: w * 1.0001, p), donate_argnums=0)
     steps = {"floor": (floor, params)}

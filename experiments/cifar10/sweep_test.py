@@ -1,0 +1,56 @@
+"""The sweep's cell logic: priorities, GN coordinate search, finals after search."""
+
+import json
+
+from absl import flags
+
+from experiments.cifar10 import sweep
+from experiments.cifar10.configs import fc
+
+
+def _record(cell, val_acc):
+  return dict(cell, batch_size=256, momentum=0.0, seed=0, width_multiplier=None,
+              val_acc=val_acc)
+
+
+def _write(tmp_path, records):
+  (tmp_path / "cifar10_fc_search.json").write_text(json.dumps(records))
+
+
+def test_fc_search_cells_and_gn_coordinate_search(tmp_path):
+  flags.FLAGS(["sweep_test"])
+  cells = sweep.fc_cells("search", str(tmp_path))
+  gn15 = [c for c in cells if c["method"] == "gn" and c["depth"] == 15]
+  assert len(gn15) == len(fc.LEARNING_RATES)  # provisional: depth 3 not searched yet
+  assert {c["depth"] for c in cells[:10]} == {3}  # depths 3 and 15 come first
+  later = {c["lr"] for c in cells if c["depth"] in (1, 5, 10, 19)}
+  assert later == set(sweep.LATER_DEPTH_LRS)
+  # Depth-3 GN picks 20 groups; depth 15 then searches rates at 20 groups ...
+  gn3 = [_record(c, 0.5 if c["gn_groups"] == 20 and c["lr"] == 0.05 else 0.3)
+         for c in cells if c["method"] == "gn" and c["depth"] == 3]
+  _write(tmp_path, gn3)
+  gn15 = [c for c in sweep.fc_cells("search", str(tmp_path))
+          if c["method"] == "gn" and c["depth"] == 15]
+  assert {c["gn_groups"] for c in gn15} == {20}
+  # ... and, once they are done, the other group counts at the chosen rate.
+  _write(tmp_path, gn3 + [_record(c, 0.4 if c["lr"] == 0.1 else 0.2) for c in gn15])
+  gn15 = [c for c in sweep.fc_cells("search", str(tmp_path))
+          if c["method"] == "gn" and c["depth"] == 15]
+  extra = [c for c in gn15 if c["gn_groups"] != 20]
+  assert {c["gn_groups"] for c in extra} == set(fc.GN_GROUPS) - {20}
+  assert {c["lr"] for c in extra} == {0.1}
+
+
+def test_final_cells_wait_for_a_complete_search(tmp_path):
+  flags.FLAGS(["sweep_test"])
+  search = [c for c in sweep.fc_cells("search", str(tmp_path))
+            if (c["method"], c["c"], c["depth"]) == ("enorm", 1.2, 3)]
+  _write(tmp_path, [_record(c, c["lr"]) for c in search[:-1]])
+  assert not sweep.fc_cells("final", str(tmp_path))
+  _write(tmp_path, [_record(c, 0.1 if c["lr"] == 0.01 else 0.05) for c in search])
+  (final,) = sweep.fc_cells("final", str(tmp_path))
+  assert (final["method"], final["c"], final["depth"], final["lr"], final["epochs"]) == (
+      "enorm", 1.2, 3, 0.01, 60)
+  todo = sweep.pending_cells("fc", str(tmp_path))
+  assert todo[0][1].endswith("cifar10_fc_search.json")
+  assert any(path.endswith("cifar10_fc.json") for _, path in todo)
