@@ -329,8 +329,8 @@ def test_conv_chain_matches_numpy_algorithm1(p, c, include_biases):
 def test_repeated_single_cycles_do_not_drift_the_function():
   """XLA divides via a rounded reciprocal, biased by +2^-24 for factors just below 1.
 
-  Unpaired, 300 one-cycle calls on a converged 20-layer chain drift its output
-  by 1e-4; with `_reciprocal_pair` the drift stays near 1e-5.
+  With that division, 300 one-cycle calls on a converged 20-layer chain drift
+  its output by 1e-4; correctly rounded, by 4e-6 (unbiased rounding only).
   """
   from experiments.appendix_a import apply, unbalanced_network
   params = unbalanced_network(20, 48)
@@ -342,22 +342,15 @@ def test_repeated_single_cycles_do_not_drift_the_function():
   for _ in range(300):
     current = one_cycle(current)
   after = np.asarray(apply(current, x), np.float64)
-  assert np.abs(after - before).max() / np.abs(before).max() < 3e-5
+  assert np.abs(after - before).max() / np.abs(before).max() < 2e-5
 
 
-def test_traced_cycle_count_compiles_once_and_matches_static():
-  params = mlp_params([6, 5, 5, 4], seed=11, spread=1.0)
-  graph = mlp_graph(params)
-  traces = []
-
-  def run(p, n):
-    traces.append(n)
-    return enorm_jax.balance(p, graph, cycles=n)[0]
-
-  run_jit = jax.jit(run)
-  for n in (3, 8):
-    chex.assert_trees_all_close(run_jit(params, n), balance_jit(params, graph=graph, cycles=n)[0],
-                                rtol=1e-6)
-  assert len(traces) == 1
-  with pytest.raises(ValueError, match="integer scalar"):
-    jax.jit(lambda p, n: enorm_jax.balance(p, graph, cycles=n))(params, 2.0)
+def test_division_by_scales_is_correctly_rounded():
+  from enorm_jax.balance import _divide
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1000, 64)).astype(np.float32)
+  x[0, :3] = [np.inf, -np.inf, np.nan]
+  # Just below 1 (where XLA's reciprocal is biased), near 1, and spread out.
+  t = np.concatenate([1 - np.arange(1, 46, 2) * 2.0 ** -24, 1 + rng.standard_normal(21) * 1e-4,
+                      np.exp(5 * rng.standard_normal(20))]).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(jax.jit(_divide)(x, t)), x / t)
