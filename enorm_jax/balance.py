@@ -140,11 +140,12 @@ class _Plan:
     return cls(groups, {k: tuple(v) for k, v in by_leaf.items()})
 
   def scale(self, path: str, x: jax.Array, t: Scales, power: int = 1,
-            signs: tuple[int, ...] = (1, -1)) -> jax.Array:
+            signs: tuple[int, ...] = (1, -1), exact: bool = True) -> jax.Array:
     """``x`` times the factor of every entry on ``path``, raised to ``power``.
 
-    Dividing (exponent -1) is correctly rounded (`_inverse_parts`). ``signs``
-    selects multiplying (+1) and/or dividing (-1) entries.
+    With ``exact`` (for values that are written back), dividing (exponent -1)
+    is correctly rounded (`_divide`); norms use XLA's faster division.
+    ``signs`` selects multiplying (+1) and/or dividing (-1) entries.
     """
     shape = x.shape
     for gi, r, sign in self.by_leaf.get(path, ()):
@@ -158,7 +159,7 @@ class _Plan:
       if exponent == 1:
         x = x * m
       elif exponent == -1:
-        x = _divide(x, m)
+        x = _divide(x, m) if exact else x / m
       else:
         x = x * m ** exponent
     return x.reshape(shape)
@@ -247,7 +248,7 @@ def _group_factor(plan: _Plan, gi: int, work: dict, stats: dict, t: Scales, p, c
   incoming = g.producers + (g.biases if include_biases else ())
 
   def current(path):
-    return plan.scale(path, work[path], t)
+    return plan.scale(path, work[path], t, exact=False)
 
   def unit_sums(r):
     if r.path in stats:
