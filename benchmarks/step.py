@@ -76,7 +76,7 @@ def main():
   parser.add_argument("--models", default="", help="comma-separated subset, e.g. ResNet-18C")
   parser.add_argument("--reps", type=int, default=0, help="timed repetitions per variant")
   args = parser.parse_args()
-  reps = args.reps or (3 if args.quick else 15)
+  reps = args.reps or (2 if args.quick else 15)
   configs = CONFIGS[:2] if args.quick else CONFIGS
   if args.models:
     configs = [c for c in CONFIGS if c[0] in args.models.split(",")]
