@@ -58,10 +58,13 @@ def main():
   parser.add_argument("--warm", action="store_true",
                       help="time each step in its own loop (weights stay in cache) "
                            "instead of in alternation")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="parameter dtype (norms always accumulate in float32)")
   args = parser.parse_args()
   reps = 5 if args.quick else 30
   records = []
   for name, params, graph in models(args.quick):
+    params = jax.tree.map(lambda w: w.astype(args.dtype), params)
     n = sum(x.size for x in jax.tree.leaves(params))
     floor = jax.jit(lambda p: jax.tree.map(lambda w: w * 1.0001, p), donate_argnums=0)
     steps = {"floor": (floor, params)}
