@@ -367,13 +367,19 @@ def rescale(tree: Any, scales: Sequence[jax.Array], graph: RescalingGraph, *,
   returned untouched; dtypes are preserved. ``signs=(1,)`` applies only the
   multiplying side (producers, biases, carried), ``(-1,)`` only consumers.
   """
+  return _rescale(tree, scales, graph, power=power, signs=signs, exact=True)
+
+
+def _rescale(tree, scales, graph, *, power=1, signs=(1, -1), exact=True):
+  """`rescale`; ``exact=False`` divides the fast way (for differentiated uses)."""
   if not isinstance(power, numbers.Integral):
     raise TypeError(f"power must be an int, got {power!r}.")
   paths, leaves, treedef = _leaves(tree)
   plan = _Plan.build(graph, dict(zip(paths, leaves)))
   t = plan.check_scales(scales)
   new_leaves = [
-      plan.scale(path, jnp.asarray(leaf).astype(jnp.float32), t, power, signs).astype(leaf.dtype)
+      plan.scale(path, jnp.asarray(leaf).astype(jnp.float32), t, power, signs,
+                 exact=exact).astype(leaf.dtype)
       if path in plan.by_leaf else leaf for path, leaf in zip(paths, leaves)]
   return jax.tree_util.tree_unflatten(treedef, new_leaves)
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from enorm_jax.balance import check_hyperparams, energy, rescale
+from enorm_jax.balance import _rescale, check_hyperparams, energy
 from enorm_jax.graph import RescalingGraph
 
 
@@ -100,5 +100,6 @@ def implicit_energy(params: Any, log_scales: tuple[jax.Array, ...], graph: Resca
     <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, Appendix C.
   """
   check_hyperparams(p, c)
-  scaled = rescale(params, tuple(jnp.exp(s) for s in log_scales), graph)
+  # A differentiated regularizer, not a write-back: no need for exact division.
+  scaled = _rescale(params, tuple(jnp.exp(s) for s in log_scales), graph, exact=False)
   return energy(scaled, graph, p=p, c=c, include_biases=include_biases)
