@@ -3,13 +3,16 @@ r"""Resumable sweeps of the paper's CIFAR-10 experiments.
 Every finished cell appends one record to the results JSON; a rerun skips the
 cells already there (and resumes a half-finished cell from its checkpoint).
 
-    python -m experiments.cifar10.sweep --sweep=fc_search   # shortened LR search
-    python -m experiments.cifar10.sweep --sweep=fc_final    # 60 epochs at the chosen LRs
+    python -m experiments.cifar10.sweep --sweep=fc          # search, then 60 epochs, by block
+    python -m experiments.cifar10.sweep --sweep=fc_search   # only the shortened LR search
+    python -m experiments.cifar10.sweep --sweep=fc_final    # only the 60-epoch runs
     python -m experiments.cifar10.sweep --sweep=conv_reduced
 
-The FC learning-rate search is SHORTENED: each LR of the paper's grid is trained
-for `SEARCH_EPOCHS` epochs (same schedule shape, compressed), and the best
+The FC learning-rate search is SHORTENED: each LR is trained for
+`SEARCH_EPOCHS` epochs (same schedule shape, compressed), and the best
 validation accuracy per (method, c, depth) picks the LR of the 60-epoch run.
+Depths 3 and 15 search the paper's whole grid; the other depths search
+`LATER_DEPTH_LRS`; GN searches its group counts by coordinate search.
 """
 
 from __future__ import annotations
