@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import enorm_jax
+from experiments.appendix_a import apply as apply_mlp
 from tests.test_balance import mlp_graph, mlp_params
 
 
@@ -16,15 +17,6 @@ def bias_free_mlp(widths, seed):
   params = mlp_params(widths, seed=seed, bias=False, spread=0.5)
   kernels = [np.asarray(params[f"Dense_{k}"]["kernel"], np.float64) for k in range(len(params))]
   return params, kernels
-
-
-def apply_mlp(params, x):
-  n = len(params)
-  for k in range(n):
-    x = x @ params[f"Dense_{k}"]["kernel"]
-    if k < n - 1:
-      x = jax.nn.relu(x)
-  return x
 
 
 def brute_force_kappa(kernels):
