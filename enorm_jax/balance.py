@@ -66,7 +66,11 @@ def _unit_reduce(x: jax.Array, r: ResolvedEntry, size: int, op=jnp.sum) -> jax.A
   leading = next(i for i in range(len(r.view) + 1) if i not in others)
   if op is jnp.sum and 1 < math.prod(r.view[:leading]) <= _MAX_SLICES:
     x = _sum_leading(x, leading)
-  s = op(x, axis=others) if others else x
+  return _to_units(op(x, axis=others) if others else x, r, size)
+
+
+def _to_units(s: jax.Array, r: ResolvedEntry, size: int) -> jax.Array:
+  """Per-unit vector from ``s``, an array over ``r``'s axes in ascending order."""
   ascending = sorted(r.axes)
   if list(r.axes) != ascending:
     s = jnp.transpose(s, [ascending.index(a) for a in r.axes])
@@ -232,41 +236,79 @@ def _leaf_stats(plan: _Plan, work: dict, p) -> dict[str, jax.Array]:
   return stats
 
 
-def _weighted_stat(plan: _Plan, path: str, stat: jax.Array, t: Scales, p) -> jax.Array:
-  """``stat`` (sums of |w|^p) under the current scales: times m^p, or over m^p."""
-  for gi, r, sign in plan.by_leaf[path]:
-    m = _expand(t[gi], r, plan.groups[gi].size)
+def _weighted_unit_sums(plan: _Plan, r: ResolvedEntry, stat: jax.Array, t: Scales, p,
+                        size: int) -> jax.Array:
+  """Unit sums of ``stat`` (sums of |w|^p) for entry ``r`` under the current scales.
+
+  Each entry of the leaf weights ``stat`` by its factors^p (multiplying) or
+  ^-p (dividing). Factors along ``r``'s own axes are applied after the sum and
+  factors along disjoint axes are contracted with ``stat`` in one dot_general
+  (a matrix-vector product for a kernel), which XLA:CPU runs faster than a
+  multiply followed by a reduction.
+  """
+  weights = []
+  for gi, e, sign in plan.by_leaf[r.path]:
+    m = _expand(t[gi], e, plan.groups[gi].size)
     m = m * m if isinstance(p, numbers.Real) and p == 2 else m ** p
-    stat = stat * m if sign > 0 else stat / m
-  return stat
+    weights.append((e, m if sign > 0 else 1.0 / m))
+  if any(set(e.axes) & set(r.axes) and set(e.axes) != set(r.axes) for e, _ in weights):
+    for _, m in weights:  # partly overlapping axes: weight elementwise, then reduce
+      stat = stat * m
+    return _unit_reduce(stat, r, size)
+  operands, post = [stat, list(range(stat.ndim))], 1.0
+  for e, m in weights:
+    if set(e.axes) == set(r.axes):
+      post = post * m
+    else:
+      operands += [m.reshape([e.view[a] for a in sorted(e.axes)]), sorted(e.axes)]
+  s = jnp.einsum(*operands, sorted(r.axes), precision=lax.Precision.HIGHEST,
+                 preferred_element_type=jnp.float32)
+  return _to_units(s * jnp.reshape(post, s.shape), r, size)  # r itself is in weights
 
 
-def _group_factor(plan: _Plan, gi: int, work: dict, stats: dict, t: Scales, p, c,
-                  include_biases: bool) -> jax.Array:
-  """The exact minimiser d = sqrt(R / L) / sqrt(c) for group ``gi`` (1 if degenerate)."""
+def _group_sums(plan: _Plan, gi: int, work: dict, stats: dict, t: Scales, p,
+                include_biases: bool) -> tuple[jax.Array, jax.Array]:
+  """Per-unit sums of |w|^p over group ``gi``'s incoming and outgoing weights."""
   g = plan.groups[gi]
+
+  def unit_sums(r):
+    if r.path in stats:
+      return _weighted_unit_sums(plan, r, stats[r.path], t, p, g.size)
+    current = plan.scale(r.path, work[r.path], t, exact=False)
+    return _unit_reduce(_abs_pow(current.reshape(r.view), p), r, g.size)
+
   incoming = g.producers + (g.biases if include_biases else ())
+  return sum(unit_sums(r) for r in incoming), sum(unit_sums(r) for r in g.consumers)
+
+
+def _factor(log_in: jax.Array, log_out: jax.Array, p, c) -> jax.Array:
+  """d = sqrt(R / L) / sqrt(c) from log L^p and log R^p (1 where not finite)."""
+  log_d = 0.5 * (log_out - log_in) / p - 0.5 * jnp.log(jnp.asarray(c, jnp.float32))
+  d = jnp.exp(jnp.where(jnp.isfinite(log_d), log_d, 0.0))
+  return jnp.where(jnp.isfinite(d) & (d > 0), d, 1.0)
+
+
+def _trusted(sums: Sequence[jax.Array]) -> jax.Array:
+  s = jnp.concatenate(sums)
+  return jnp.all((s >= _SAFE_MIN) & (s <= _SAFE_MAX))
+
+
+def _careful_factor(plan: _Plan, gi: int, work: dict, stats: dict, t: Scales, p, c,
+                    include_biases: bool) -> jax.Array:
+  """Group ``gi``'s factor, with its norms in log space if their sums are unsafe."""
+  g = plan.groups[gi]
+  s_in, s_out = _group_sums(plan, gi, work, stats, t, p, include_biases)
 
   def current(path):
     return plan.scale(path, work[path], t, exact=False)
 
-  def unit_sums(r):
-    if r.path in stats:
-      return _unit_reduce(_weighted_stat(plan, r.path, stats[r.path], t, p), r, g.size)
-    return _unit_reduce(_abs_pow(current(r.path).reshape(r.view), p), r, g.size)
-
-  s_in = sum(unit_sums(r) for r in incoming)
-  s_out = sum(unit_sums(r) for r in g.consumers)
-  trusted = jnp.all((s_in >= _SAFE_MIN) & (s_in <= _SAFE_MAX)
-                    & (s_out >= _SAFE_MIN) & (s_out <= _SAFE_MAX))
+  incoming = g.producers + (g.biases if include_biases else ())
   log_in, log_out = lax.cond(
-      trusted,
+      _trusted([s_in, s_out]),
       lambda: (jnp.log(s_in), jnp.log(s_out)),
       lambda: (_log_unit_sums(plan, current, incoming, g.size, p),
                _log_unit_sums(plan, current, g.consumers, g.size, p)))
-  log_d = 0.5 * (log_out - log_in) / p - 0.5 * jnp.log(jnp.asarray(c, jnp.float32))
-  d = jnp.exp(jnp.where(jnp.isfinite(log_d), log_d, 0.0))
-  return jnp.where(jnp.isfinite(d) & (d > 0), d, 1.0)
+  return _factor(log_in, log_out, p, c)
 
 
 def _leaves(params):
@@ -339,12 +381,29 @@ def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.
 
   stats = _leaf_stats(plan, work, p)
 
-  def one_cycle(t: Scales) -> Scales:
+  def fast_cycle(t: Scales) -> tuple[Scales, jax.Array]:
+    sums = []
     for phase in phases:
-      factors = {gi: _group_factor(plan, gi, work, stats, t, p, c, include_biases)
+      factors = {}
+      for gi in phase:
+        s_in, s_out = _group_sums(plan, gi, work, stats, t, p, include_biases)
+        factors[gi] = _factor(jnp.log(s_in), jnp.log(s_out), p, c)
+        sums += [s_in, s_out]
+      t = tuple(t[i] * factors[i] if i in factors else t[i] for i in range(len(t)))
+    return t, _trusted(sums)
+
+  def careful_cycle(t: Scales) -> Scales:
+    for phase in phases:
+      factors = {gi: _careful_factor(plan, gi, work, stats, t, p, c, include_biases)
                  for gi in phase}
       t = tuple(t[i] * factors[i] if i in factors else t[i] for i in range(len(t)))
     return t
+
+  def one_cycle(t: Scales) -> Scales:
+    # All sums in the float32-safe range (the usual case): one check per cycle.
+    # Otherwise the cycle is redone with per-group log-space fallbacks.
+    fast, trusted = fast_cycle(t)
+    return lax.cond(trusted, lambda: fast, lambda: careful_cycle(t))
 
   t0 = tuple(jnp.ones((g.size,), jnp.float32) for g in plan.groups)
   scales = one_cycle(t0) if isinstance(cycles, int) and cycles == 1 else lax.fori_loop(

@@ -354,3 +354,41 @@ def test_division_by_scales_is_correctly_rounded():
   t = np.concatenate([1 - np.arange(1, 46, 2) * 2.0 ** -24, 1 + rng.standard_normal(21) * 1e-4,
                       np.exp(5 * rng.standard_normal(20))]).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(jax.jit(_divide)(x, t)), x / t)
+
+
+def test_grouped_conv_with_overlapping_entries_matches_numpy():
+  """A grouped 3x3 conv whose input and output entries share the group axis.
+
+  The tap sums of such a kernel cannot be contracted with one factor vector per
+  entry, so `balance` weights them elementwise; checked against a float64
+  Algorithm 1 written for this net.
+  """
+  rng = np.random.default_rng(3)
+  a = rng.standard_normal((3, 6)) * 2.0
+  g = rng.standard_normal((3, 3, 3, 4)) * 0.3  # 6 -> 4 channels in 2 groups
+  h = rng.standard_normal((4, 2))
+  params = {"a": jnp.asarray(a, jnp.float32), "g": jnp.asarray(g, jnp.float32),
+            "h": jnp.asarray(h, jnp.float32)}
+  # Input channel u = 3 * group + i, output channel o = 2 * group + j.
+  view = (3, 3, 3, 2, 2)
+  graph = enorm_jax.RescalingGraph((
+      enorm_jax.Group(6, (enorm_jax.Entry("a", 1),), (enorm_jax.Entry("g", (3, 2), view=view),)),
+      enorm_jax.Group(4, (enorm_jax.Entry("g", (3, 4), view=view),), (enorm_jax.Entry("h", 0),)),
+  ))
+  out, _ = balance_jit(params, graph=graph, cycles=4)
+
+  gv = g.reshape(view)
+  for _ in range(4):
+    incoming = np.sum(a ** 2, axis=0)
+    outgoing = np.sum(gv ** 2, axis=(0, 1, 4)).T.reshape(-1)  # (group, i) -> u
+    d = np.sqrt(np.sqrt(outgoing / incoming))
+    a = a * d
+    gv = gv / d.reshape(2, 3).T[None, None, :, :, None]
+    incoming = np.sum(gv ** 2, axis=(0, 1, 2)).reshape(-1)  # (group, j) -> o
+    outgoing = np.sum(h ** 2, axis=1)
+    d = np.sqrt(np.sqrt(outgoing / incoming))
+    gv = gv * d.reshape(2, 2)[None, None, None]
+    h = h / d[:, None]
+  np.testing.assert_allclose(out["a"], a, rtol=3e-5)
+  np.testing.assert_allclose(out["g"], gv.reshape(g.shape), rtol=3e-5)
+  np.testing.assert_allclose(out["h"], h, rtol=3e-5)

@@ -52,9 +52,14 @@ KEY_FIELDS = ("method", "c", "depth", "batch_size", "momentum", "lr", "epochs", 
 
 
 def commit_hash() -> str:
+  """HEAD's short hash, with '+dirty' if the code (not the results) has local changes."""
+  def git(*args):
+    return subprocess.run(["git", *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "enorm_jax",
+                "experiments", ":(exclude)experiments/results")
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
 
@@ -143,7 +148,7 @@ def fc_cells(stage, results_dir):
 
 def conv_cells():
   cells = []
-  for batch_size in CONV_BATCH_SIZES:
+  for batch_size in sorted(CONV_BATCH_SIZES, reverse=True):  # the fastest cells first
     for momentum in conv.MOMENTUMS:
       for method, c in CONV_METHODS:
         cells.append(dict(method=method, c=c, batch_size=batch_size, momentum=momentum,
@@ -197,7 +202,7 @@ def make_record(sweep, cell):
               width_multiplier=cell.get("width_multiplier"))
 
 
-def run_cell(sweep, cell, results):
+def run_cell(sweep, cell, results, commit):
   config = make_config(sweep, cell, _DATA_DIR.value)
   record = make_record(sweep, cell)
   stage = os.path.splitext(os.path.basename(results))[0]
@@ -214,16 +219,17 @@ def run_cell(sweep, cell, results):
     logging.warning("Cell diverged: %s", e)
     record.update(val_acc=None, test_acc=None, val_loss=None,
                   train_time_s=time.time() - start, diverged=True)
-  record["commit"] = commit_hash()
+  record["commit"] = commit
   append_result(results, record)
 
 
 def main(argv):
   del argv
+  commit = commit_hash()  # the code this process imported, read once at start-up
   os.makedirs(_RESULTS_DIR.value, exist_ok=True)
   new = 0
   while todo := pending_cells(_SWEEP.value, _RESULTS_DIR.value):
-    run_cell(_SWEEP.value, *todo[0])
+    run_cell(_SWEEP.value, *todo[0], commit=commit)
     new += 1
     if _LIMIT.value and new >= _LIMIT.value:
       break
