@@ -83,18 +83,43 @@ def fc_figure(best, path, title):
   plt.close(fig)
 
 
-def conv_table(records) -> str:
+def conv_table(records) -> tuple[str, dict]:
   best = best_by(records, lambda r: (method_label(r), r["batch_size"], r["momentum"]))
   cols = sorted({(b, mo) for _, b, mo in best})
+  setting = ", ".join(sorted({f"width x{r.get('width_multiplier') or 1:g}, "
+                              f"{r['epochs']} epochs, lr {r['lr']:g}" for r in records}))
   lines = ["### CIFAR-NV, REDUCED protocol (see configs/conv_reduced.py)", "",
-           "Validation accuracy %, one seed.", "",
+           f"Validation accuracy %, one seed, learning rate fixed (not searched); "
+           f"{setting}; runs finished: {len(records)}.", "",
            "| method | " + " | ".join(f"B={b}, m={mo:g}" for b, mo in cols) + " |",
            "|---" * (len(cols) + 1) + "|"]
   for m in LABEL_ORDER:
     if any(k[0] == m for k in best):
       lines.append(f"| {m} | " + " | ".join(_fmt(best.get((m, b, mo))) for b, mo in cols)
                    + " |")
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines) + "\n", best
+
+
+def conv_figure(best, path):
+  """Validation accuracy against batch size, one panel per momentum (Tables 2-3)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  momentums = sorted({mo for _, _, mo in best})
+  fig, axes = plt.subplots(1, len(momentums), figsize=(5 * len(momentums), 4), squeeze=False,
+                           sharey=True)
+  for ax, mo in zip(axes[0], momentums):
+    for m in LABEL_ORDER:
+      points = sorted((b, 100 * r["val_acc"]) for (mm, b, mmo), r in best.items()
+                      if mm == m and mmo == mo)
+      if points:
+        ax.plot(*zip(*points), marker="o", label=m)
+    ax.set(xscale="log", xlabel="batch size", title=f"CIFAR-NV (reduced), momentum {mo:g}")
+    ax.legend()
+  axes[0][0].set_ylabel("validation accuracy (%)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def _write(path, table):
@@ -119,8 +144,9 @@ def main(argv):
   path = os.path.join(d, "cifar10_conv.json")
   if os.path.exists(path):
     with open(path) as f:
-      table = conv_table(json.load(f))
+      table, best = conv_table(json.load(f))
     _write(os.path.join(d, "cifar10_conv.md"), table)
+    conv_figure(best, os.path.join(d, "cifar10_conv.png"))
     print(table)
 
 

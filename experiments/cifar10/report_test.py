@@ -1,0 +1,32 @@
+"""The report renders tables and figures from result records."""
+
+import json
+
+from experiments.cifar10 import report
+
+
+def _record(method, c, acc, **kw):
+  return dict(method=method, c=c, lr=0.05, epochs=4, seed=0, val_acc=acc, test_acc=None, **kw)
+
+
+def test_fc_table_picks_the_best_learning_rate_per_cell(tmp_path):
+  records = [_record("enorm", 1.0, 0.5, depth=3), _record("enorm", 1.0, 0.6, depth=3, x=1),
+             _record("baseline", 1.0, None, depth=3), _record("baseline", 1.0, 0.4, depth=15)]
+  records[1]["lr"] = 0.1
+  table, best = report.fc_table(records, "t")
+  assert best[("ENorm-1", 3)]["lr"] == 0.1
+  assert "| ENorm-1 | 60.00 (lr 0.1) | – |" in table
+  assert "| Baseline | – | 40.00 (lr 0.05) |" in table  # the diverged run is skipped
+  report.fc_figure(best, tmp_path / "fc.png", "t")
+  assert (tmp_path / "fc.png").stat().st_size > 0
+
+
+def test_conv_table_and_figure(tmp_path):
+  records = [_record("bn", 1.0, 0.7, batch_size=128, momentum=0.9, width_multiplier=0.25),
+             _record("enorm", 1.2, 0.65, batch_size=8, momentum=0.0, width_multiplier=0.25)]
+  table, best = report.conv_table(json.loads(json.dumps(records)))
+  assert "width x0.25, 4 epochs, lr 0.05; runs finished: 2" in table
+  assert "| BN | – | 70.00 (lr 0.05) |" in table
+  assert "| ENorm-1.2 | 65.00 (lr 0.05) | – |" in table
+  report.conv_figure(best, tmp_path / "conv.png")
+  assert (tmp_path / "conv.png").stat().st_size > 0
