@@ -21,6 +21,12 @@ kernel is read twice more than that (its per-input and per-output sums need
 different factors, which depend on each other), a conv kernel's second read
 is of its 9x smaller tap sums.
 
+``--profile`` adds the parts of a sequential cycle, as fractions of the floor:
+``factors_ratio`` (one cycle's factors, nothing written: the pass over every
+weight plus the group updates), ``extra_cycle_ratio`` (one more cycle of group
+updates, which reads only the tap sums and the dense kernels) and
+``write_ratio`` (writing given factors with `rescale`).
+
 In alternation each call starts with the other steps' arrays in cache, as in a
 training step; ``--warm`` times each step in its own loop instead, where models
 that fit in the last-level cache make the floor much cheaper.
@@ -78,6 +84,22 @@ def read_then_write(params):
   return jax.tree.map(lambda w: w * scale.astype(w.dtype), params)
 
 
+def _read_only(fn, params):
+  """A (step, state) pair that runs jitted ``fn`` on ``params`` and keeps them."""
+  jitted = jax.jit(fn)
+  return (lambda p: (jax.block_until_ready(jitted(p)), p)[1]), jax.tree.map(jnp.copy, params)
+
+
+def _profile_steps(params, graph):
+  """The parts of a sequential cycle: factors after 1 and 11 cycles, and the write."""
+  steps = {f"factors_{n}": _read_only(lambda p, n=n: enorm_jax.balance(p, graph, cycles=n)[1],
+                                      params) for n in (1, 11)}
+  _, scales = jax.jit(lambda p: enorm_jax.balance(p, graph))(params)
+  steps["write"] = (jax.jit(lambda p: enorm_jax.rescale(p, scales, graph), donate_argnums=0),
+                    jax.tree.map(jnp.copy, params))
+  return steps
+
+
 def models(quick: bool):
   """(name, params, graph): the paper's models, then a traced ResNet-50 (eval BN)."""
   for name, model, shape in _common.paper_models(quick):
@@ -95,6 +117,10 @@ def main():
   parser.add_argument("--warm", action="store_true",
                       help="time each step in its own loop (weights stay in cache) "
                            "instead of in alternation")
+  parser.add_argument("--profile", action="store_true",
+                      help="also time the parts of a sequential cycle: the factors alone "
+                           "(norms and group updates), one more group-update cycle, and "
+                           "the write of given factors (`rescale`)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="parameter dtype (norms always accumulate in float32)")
   args = parser.parse_args()
@@ -111,9 +137,9 @@ def main():
       steps[schedule] = (cycle, jax.tree.map(jnp.copy, params))
     steps["two_pass"] = (jax.jit(read_then_write, donate_argnums=0),
                          jax.tree.map(jnp.copy, params))
-    norms = jax.jit(unit_norms)
-    steps["norms"] = (lambda p: (jax.block_until_ready(norms(p)), p)[1],
-                      jax.tree.map(jnp.copy, params))
+    steps["norms"] = _read_only(unit_norms, params)
+    if args.profile:
+      steps.update(_profile_steps(params, graph))
     if args.warm:
       ms = {k: _common.median_ms(step, state, reps)[0] for k, (step, state) in steps.items()}
     else:
@@ -126,9 +152,15 @@ def main():
     row["two_pass_ratio"] = ms["two_pass"] / ms["floor"]
     row["norms_ms"] = ms["norms"]
     row["norms_ratio"] = ms["norms"] / ms["floor"]
+    if args.profile:
+      row["factors_ratio"] = ms["factors_1"] / ms["floor"]
+      row["extra_cycle_ratio"] = (ms["factors_11"] - ms["factors_1"]) / 10 / ms["floor"]
+      row["write_ratio"] = ms["write"] / ms["floor"]
     records.append(row)
   _common.emit(records, ["model", "params_m", "floor_ms", "cycle_ms_sequential",
-                         "cycle_ms_parallel", "ratio", "two_pass_ratio", "norms_ratio"], args.json)
+                         "cycle_ms_parallel", "ratio", "two_pass_ratio", "norms_ratio"]
+               + (["factors_ratio", "extra_cycle_ratio", "write_ratio"] if args.profile else []),
+               args.json)
 
 
 if __name__ == "__main__":

@@ -213,13 +213,16 @@ def _sum_leading(x: jax.Array, count: int) -> jax.Array:
   return parts[0].reshape((1,) * count + kept)
 
 
-def _leaf_stats(plan: _Plan, work: dict, p) -> dict[str, jax.Array]:
+def _leaf_stats(plan: _Plan, work: dict, p, dense: bool) -> dict[str, jax.Array]:
   """Per-leaf sums of |w|^p over the axes no entry touches (keepdims, view shape).
 
   Norms under any scales only need these: a leaf's entries multiply along their
   own axes, so the untouched axes can be summed once, before the cycles. Only
   leading untouched axes with at most `_MAX_SLICES` elements are summed (e.g.
-  the spatial taps of an HWIO conv kernel); other leaves are reduced directly.
+  the spatial taps of an HWIO conv kernel). With ``dense`` (for more than one
+  cycle), kernels with nothing to sum get |w|^p itself, so that every cycle
+  contracts it by matrix-vector products; otherwise they are reduced directly,
+  which is cheaper for a single cycle.
   """
   stats = {}
   for path, entries in plan.by_leaf.items():
@@ -230,9 +233,12 @@ def _leaf_stats(plan: _Plan, work: dict, p) -> dict[str, jax.Array]:
     touched = {a for _, r, _ in entries for a in r.axes}
     count = min(touched, default=0)
     taps = math.prod(view[:count])
-    if count == 0 or taps < _MIN_STAT_REDUCTION or taps > _MAX_SLICES:
+    if taps > _MAX_SLICES:
       continue
-    stats[path] = _sum_leading(_abs_pow(work[path].reshape(view), p), count)
+    if count and taps >= _MIN_STAT_REDUCTION:
+      stats[path] = _sum_leading(_abs_pow(work[path].reshape(view), p), count)
+    elif dense and len(view) >= 2:
+      stats[path] = _abs_pow(work[path].reshape(view), p)
   return stats
 
 
@@ -379,7 +385,8 @@ def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.
   else:
     phases = tuple((i,) for i in range(len(plan.groups)))
 
-  stats = _leaf_stats(plan, work, p)
+  single_cycle = isinstance(cycles, int) and cycles == 1
+  stats = _leaf_stats(plan, work, p, dense=not single_cycle)
 
   def fast_cycle(t: Scales) -> tuple[Scales, jax.Array]:
     sums = []
@@ -406,7 +413,7 @@ def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.
     return lax.cond(trusted, lambda: fast, lambda: careful_cycle(t))
 
   t0 = tuple(jnp.ones((g.size,), jnp.float32) for g in plan.groups)
-  scales = one_cycle(t0) if isinstance(cycles, int) and cycles == 1 else lax.fori_loop(
+  scales = one_cycle(t0) if single_cycle else lax.fori_loop(
       0, cycles, lambda _, t: one_cycle(t), t0)
   new_leaves = [
       plan.scale(path, work[path], scales).astype(leaf.dtype) if path in work else leaf
