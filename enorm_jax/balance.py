@@ -1,12 +1,13 @@
 """Exact ENorm: block coordinate descent over a `RescalingGraph`.
 
 Everything here is pure and jit-able. A call works on *lazy* scales: each group
-keeps a vector ``t`` of accumulated factors, and a parameter's current value is
-its input value times the factors of every entry that touches it, and each
-leaf is written once, at the end. Norms are reductions of |w|^p times the
-factors^p; a conv kernel's taps are summed once per call (no entry touches
-them), so its cycles read a 9x (3x3) smaller array. The Python loops run over
-groups and entries at trace time, never over units.
+keeps a vector ``t`` of accumulated factors, a parameter's current value is its
+input value times the factors of every entry that touches it, and each leaf is
+written once, at the end. Norms come from per-leaf sums of |w|^p taken once
+per call (a conv kernel's taps summed, so its cycles read a 9x smaller array;
+with several cycles, |w|^p of dense kernels too), contracted with the other
+entries' factors^p by matrix-vector products. The Python loops run over groups
+and entries at trace time, never over units.
 """
 
 from __future__ import annotations
