@@ -15,7 +15,6 @@ import os
 
 from absl import app, flags
 
-_RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Results folder.")
 
 
 def method_label(r) -> str:
@@ -127,9 +126,8 @@ def _write(path, table):
     f.write(table + "\nMade by `python -m experiments.cifar10.report`.\n")
 
 
-def main(argv):
-  del argv
-  d = _RESULTS_DIR.value
+def render(d: str) -> None:
+  """Writes the tables and figures of every result file in directory ``d``."""
   for name, title in (("cifar10_fc", "FC, 60 epochs (paper protocol)"),
                       ("cifar10_fc_search", "FC, 10-epoch learning-rate search (shortened)")):
     path = os.path.join(d, f"{name}.json")
@@ -150,5 +148,13 @@ def main(argv):
     print(table)
 
 
+def main(argv):
+  del argv
+  render(flags.FLAGS.results_dir)
+
+
 if __name__ == "__main__":
+  # Defined here, not at import, so that tests can import this module next to
+  # the sweep, which defines the same flag.
+  flags.DEFINE_string("results_dir", "experiments/results", "Results folder.")
   app.run(main)

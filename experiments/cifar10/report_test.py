@@ -30,3 +30,14 @@ def test_conv_table_and_figure(tmp_path):
   assert "| ENorm-1.2 | 65.00 (lr 0.05) | – |" in table
   report.conv_figure(best, tmp_path / "conv.png")
   assert (tmp_path / "conv.png").stat().st_size > 0
+
+
+def test_render_writes_every_table_and_figure(tmp_path):
+  from experiments.cifar10 import sweep  # noqa: F401  (both modules import together)
+  fc = [_record("enorm", 1.0, 0.5, depth=3, batch_size=256, momentum=0.0)]
+  conv = [_record("gn", 1.0, 0.6, batch_size=32, momentum=0.0, width_multiplier=0.25)]
+  (tmp_path / "cifar10_fc.json").write_text(json.dumps(fc))
+  (tmp_path / "cifar10_conv.json").write_text(json.dumps(conv))
+  report.render(str(tmp_path))
+  for name in ("cifar10_fc.md", "cifar10_fc.png", "cifar10_conv.md", "cifar10_conv.png"):
+    assert (tmp_path / name).stat().st_size > 0
