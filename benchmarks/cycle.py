@@ -42,6 +42,11 @@ from benchmarks import _common
 from experiments.models import ResNet50
 
 
+def _sum_taps(rows):
+  """Sums the leading axis of ``rows`` (at most 64 conv taps) by slice additions."""
+  return sum(rows[i] for i in range(len(rows)))
+
+
 def unit_norms(params):
   """Per-unit sums of w^2 of every kernel over its inputs and over its outputs.
 
@@ -57,7 +62,7 @@ def unit_norms(params):
       if len(sq) == 1:
         sums += [jnp.sum(sq[0], axis=0), jnp.sum(sq[0], axis=1)]
       else:
-        stat = sum(sq[i] for i in range(len(sq)))
+        stat = _sum_taps(sq)
         sums += [jnp.ones(stat.shape[0]) @ stat, stat @ jnp.ones(stat.shape[1])]
   return sums
 
@@ -72,7 +77,7 @@ def _fast_read(w):
     return jnp.sum(w)
   rows = w.reshape(-1, *w.shape[-2:])
   if 1 < len(rows) <= 64:
-    rows = sum(rows[i] for i in range(len(rows)))[None]
+    rows = _sum_taps(rows)[None]
   rows = rows.reshape(-1, w.shape[-1])
   return jnp.sum(jnp.ones((rows.shape[0],), w.dtype) @ rows)
 

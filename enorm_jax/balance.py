@@ -300,6 +300,11 @@ def _trusted(sums: Sequence[jax.Array]) -> jax.Array:
   return jnp.all((s >= _SAFE_MIN) & (s <= _SAFE_MAX))
 
 
+def _updated(t: Scales, factors: dict[int, jax.Array]) -> Scales:
+  """``t`` with the groups in ``factors`` multiplied by their new factors."""
+  return tuple(t[i] * factors[i] if i in factors else t[i] for i in range(len(t)))
+
+
 def _careful_factor(plan: _Plan, gi: int, work: dict, stats: dict, t: Scales, p, c,
                     include_biases: bool) -> jax.Array:
   """Group ``gi``'s factor, with its norms in log space if their sums are unsafe."""
@@ -397,14 +402,14 @@ def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.
         s_in, s_out = _group_sums(plan, gi, work, stats, t, p, include_biases)
         factors[gi] = _factor(jnp.log(s_in), jnp.log(s_out), p, c)
         sums += [s_in, s_out]
-      t = tuple(t[i] * factors[i] if i in factors else t[i] for i in range(len(t)))
+      t = _updated(t, factors)
     return t, _trusted(sums)
 
   def careful_cycle(t: Scales) -> Scales:
     for phase in phases:
       factors = {gi: _careful_factor(plan, gi, work, stats, t, p, c, include_biases)
                  for gi in phase}
-      t = tuple(t[i] * factors[i] if i in factors else t[i] for i in range(len(t)))
+      t = _updated(t, factors)
     return t
 
   def one_cycle(t: Scales) -> Scales:

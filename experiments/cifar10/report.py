@@ -16,7 +16,6 @@ import os
 from absl import app, flags
 
 
-
 def method_label(r) -> str:
   if r["method"] == "enorm":
     return f"ENorm-{r['c']:g}"
