@@ -1,0 +1,37 @@
+"""The benchmark helpers compute what their docstrings say."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import cycle
+
+
+def _params():
+  keys = jax.random.split(jax.random.key(0), 4)
+  return {"conv": jax.random.normal(keys[0], (3, 3, 4, 5)),
+          "pointwise": jax.random.normal(keys[1], (1, 1, 5, 6)),
+          "dense": jax.random.normal(keys[2], (6, 7)),
+          "bias": jax.random.normal(keys[3], (7,))}
+
+
+def test_unit_norms_are_the_sums_over_inputs_and_outputs():
+  params = _params()
+  sums = jax.jit(cycle.unit_norms)(params)
+  expected = []
+  for w in jax.tree.leaves(params):
+    if w.ndim >= 2:
+      sq = np.asarray(w, np.float64).reshape(-1, *w.shape[-2:]) ** 2
+      expected += [sq.sum(axis=(0, 1)), sq.sum(axis=(0, 2))]
+  assert len(sums) == len(expected)
+  for got, want in zip(sums, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_read_then_write_scales_every_weight_by_one_common_factor():
+  params = _params()
+  out = jax.jit(cycle.read_then_write)(params)
+  for w, v in zip(jax.tree.leaves(params), jax.tree.leaves(out)):
+    np.testing.assert_allclose(v, w, rtol=1e-6)
+    assert v.dtype == w.dtype
+  assert cycle.read_then_write(jax.tree.map(jnp.zeros_like, params))["dense"].sum() == 0
