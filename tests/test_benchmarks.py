@@ -35,3 +35,15 @@ def test_read_then_write_scales_every_weight_by_one_common_factor():
     np.testing.assert_allclose(v, w, rtol=1e-6)
     assert v.dtype == w.dtype
   assert cycle.read_then_write(jax.tree.map(jnp.zeros_like, params))["dense"].sum() == 0
+
+
+def test_read_twice_then_write_reads_shared_kernels_again_and_keeps_values():
+  from experiments.models import FullyConnected
+  model = FullyConnected(depth=2, width=8)
+  params = model.init(jax.random.key(0), jnp.ones((1, 3072)))["params"]
+  graph = model.rescaling_graph(params)
+  assert cycle._paths(graph, "producers") & cycle._paths(graph, "consumers") == {
+      "Dense_1/kernel", "Dense_2/kernel"}
+  out = jax.jit(lambda p: cycle.read_twice_then_write(p, graph))(params)
+  for w, v in zip(jax.tree.leaves(params), jax.tree.leaves(out)):
+    np.testing.assert_allclose(v, w, rtol=1e-6)
