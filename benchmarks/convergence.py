@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import enorm_jax
-from enorm_jax import _paths
 from benchmarks import _common
+from enorm_jax import _paths
 from experiments.appendix_a import unbalanced_network
 from experiments.models import ResNet18C
 
