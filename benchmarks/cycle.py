@@ -12,16 +12,16 @@ loop; an optimization barrier keeps XLA from fusing them here too (a fused
 multi-output reduction of both axes is 2-4x slower on XLA:CPU, and made this
 column read 2.5 on FC-15 and 4.1 on ResNet-50 before the barrier).
 
-``two_pass_ms`` times the simplest program with a cycle's data dependency:
-read every weight down to one scalar (by the fastest reads we know on
-XLA:CPU: slice additions over conv taps, then a matrix-vector product), then
-write every weight scaled by that scalar. Any exact cycle has this dependency:
-the factors need every norm before any weight can be written, and a model
-larger than the last-level cache must then be read again to be written. So
-``two_pass_ratio`` estimates the lowest ``ratio`` reachable here. A dense
-kernel is read twice more than that (its per-input and per-output sums need
-different factors, which depend on each other), a conv kernel's second read
-is of its 9x smaller tap sums.
+``two_pass_ms`` times the simplest program with a global version of a
+cycle's data dependency: read every weight down to one scalar (by the fastest
+reads we know on XLA:CPU: slice additions over conv taps, then a
+matrix-vector product), then write every weight scaled by that scalar. A
+weight's factors need the norms of its own kernel and, through the chain of
+groups, of the kernels before it, so a kernel that is not still in cache is
+read again to be written. ``two_pass_ratio`` estimates the lowest ``ratio``
+reachable here. A dense kernel is read twice more than that (its per-input and
+per-output sums need different factors, which depend on each other), a conv
+kernel's second read is of its 9x smaller tap sums.
 
 ``dependent_reads_ratio`` times `read_twice_then_write`: the two-pass
 reference plus a second read, after the first has finished, of every dense or
@@ -57,6 +57,11 @@ def _sum_taps(rows):
   return sum(rows[i] for i in range(len(rows)))
 
 
+def _is_matrix(w) -> bool:
+  """A dense or 1x1-conv kernel: nothing but its input and output axes."""
+  return w.ndim >= 2 and w.size == w.shape[-2] * w.shape[-1]
+
+
 def unit_norms(params):
   """Per-unit sums of w^2 of every kernel over its inputs and over its outputs.
 
@@ -70,7 +75,7 @@ def unit_norms(params):
   for w in jax.tree.leaves(params):
     if w.ndim < 2:
       continue
-    if w.size == w.shape[-2] * w.shape[-1]:  # dense (or 1x1 conv) kernel
+    if _is_matrix(w):
       w = w.reshape(w.shape[-2:])
       over_inputs = jnp.sum(w * w, axis=0)
       w, over_inputs = jax.lax.optimization_barrier((w, over_inputs))
@@ -101,11 +106,6 @@ def read_then_write(params):
   total = sum(_fast_read(w) for w in jax.tree.leaves(params))
   scale = 1.0 + 1e-30 * total
   return jax.tree.map(lambda w: w * scale.astype(w.dtype), params)
-
-
-def _is_matrix(w) -> bool:
-  """A dense or 1x1-conv kernel: nothing but its input and output axes."""
-  return w.ndim >= 2 and w.size == w.shape[-2] * w.shape[-1]
 
 
 def _paths(graph, role):
