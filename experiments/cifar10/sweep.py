@@ -8,6 +8,10 @@ cells already there (and resumes a half-finished cell from its checkpoint).
     python -m experiments.cifar10.sweep --sweep=fc_final    # only the 60-epoch runs
     python -m experiments.cifar10.sweep --sweep=conv_reduced
 
+Several processes may run the same sweep at once (e.g. one per core with
+`taskset`): each claims a cell with an exclusive lock on `<workdir>/.claim`, which the
+OS drops when the process ends, so a killed worker's cell is free for the next one.
+
 The FC learning-rate search is SHORTENED: each LR is trained for
 `SEARCH_EPOCHS` epochs (same schedule shape, compressed), and the best
 validation accuracy per (method, c, depth) picks the LR of the 60-epoch run.
@@ -17,6 +21,8 @@ Depths 3 and 15 search the paper's whole grid; the other depths search
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -79,12 +85,30 @@ def read_results(path):
     return json.load(f)
 
 
+@contextlib.contextmanager
+def _locked(path, blocking=True):
+  """Holds an exclusive `flock` on `path`; yields False if taken and not blocking."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def append_result(path, record):
-  records = read_results(path) + [record]
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(records, f, indent=1)
-  os.replace(tmp, path)
+  """Appends atomically, also against other sweep processes writing the same file."""
+  with _locked(f"{path}.lock"):
+    records = read_results(path) + [record]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(records, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _key3(record):
@@ -202,11 +226,15 @@ def make_record(sweep, cell):
               width_multiplier=cell.get("width_multiplier"))
 
 
+def cell_workdir(sweep, cell, results):
+  stage = os.path.splitext(os.path.basename(results))[0]
+  return os.path.join(_WORKDIR_ROOT.value, stage, cell_name(make_record(sweep, cell)))
+
+
 def run_cell(sweep, cell, results, commit):
   config = make_config(sweep, cell, _DATA_DIR.value)
   record = make_record(sweep, cell)
-  stage = os.path.splitext(os.path.basename(results))[0]
-  workdir = os.path.join(_WORKDIR_ROOT.value, stage, cell_name(record))
+  workdir = cell_workdir(sweep, cell, results)
   logging.info("Running %s", workdir)
   start = time.time()
   try:
@@ -228,11 +256,23 @@ def main(argv):
   commit = commit_hash()  # the code this process imported, read once at start-up
   os.makedirs(_RESULTS_DIR.value, exist_ok=True)
   new = 0
-  while todo := pending_cells(_SWEEP.value, _RESULTS_DIR.value):
-    run_cell(_SWEEP.value, *todo[0], commit=commit)
+  while run_next_free_cell(_SWEEP.value, _RESULTS_DIR.value, commit):
     new += 1
     if _LIMIT.value and new >= _LIMIT.value:
       break
+  logging.info("No free cell left: %d run by this process.", new)
+
+
+def run_next_free_cell(sweep, results_dir, commit) -> bool:
+  """Runs the first pending cell no other process holds; False if there is none."""
+  for cell, results in pending_cells(sweep, results_dir):
+    with _locked(os.path.join(cell_workdir(sweep, cell, results), ".claim"),
+                 blocking=False) as claimed:
+      # Re-check under the claim: another process may have finished it meanwhile.
+      if claimed and (cell, results) in pending_cells(sweep, results_dir):
+        run_cell(sweep, cell, results, commit=commit)
+        return True
+  return False
 
 
 if __name__ == "__main__":
