@@ -35,9 +35,16 @@ def best_by(records, key_fn):
   return best
 
 
+def diverged_by(records, key_fn):
+  """A diverged record for each key that has one (shown where no run finished)."""
+  return {key_fn(r): r for r in records if r.get("val_acc") is None}
+
+
 def _fmt(r):
   if r is None:
     return "–"
+  if r.get("val_acc") is None:
+    return f"diverged (lr {r['lr']:g})"
   text = f"{100 * r['val_acc']:.2f}"
   if r.get("test_acc") is not None:
     text += f" / {100 * r['test_acc']:.2f}"
@@ -45,9 +52,11 @@ def _fmt(r):
 
 
 def fc_table(records, title) -> tuple[str, dict]:
-  best = best_by(records, lambda r: (method_label(r), r["depth"]))
-  depths = sorted({d for _, d in best})
-  methods = sorted({m for m, _ in best}, key=lambda m: list(LABEL_ORDER).index(m)
+  key = lambda r: (method_label(r), r["depth"])  # noqa: E731
+  best = best_by(records, key)
+  shown = {**diverged_by(records, key), **best}
+  depths = sorted({d for _, d in shown})
+  methods = sorted({m for m, _ in shown}, key=lambda m: list(LABEL_ORDER).index(m)
                    if m in LABEL_ORDER else 99)
   epochs = sorted({r["epochs"] for r in records})
   lines = [f"### {title}", "",
@@ -56,7 +65,7 @@ def fc_table(records, title) -> tuple[str, dict]:
            "| method | " + " | ".join(f"depth {d}" for d in depths) + " |",
            "|---" * (len(depths) + 1) + "|"]
   for m in methods:
-    lines.append(f"| {m} | " + " | ".join(_fmt(best.get((m, d))) for d in depths) + " |")
+    lines.append(f"| {m} | " + " | ".join(_fmt(shown.get((m, d))) for d in depths) + " |")
   return "\n".join(lines) + "\n", best
 
 
@@ -82,8 +91,10 @@ def fc_figure(best, path, title):
 
 
 def conv_table(records) -> tuple[str, dict]:
-  best = best_by(records, lambda r: (method_label(r), r["batch_size"], r["momentum"]))
-  cols = sorted({(b, mo) for _, b, mo in best})
+  key = lambda r: (method_label(r), r["batch_size"], r["momentum"])  # noqa: E731
+  best = best_by(records, key)
+  shown = {**diverged_by(records, key), **best}
+  cols = sorted({(b, mo) for _, b, mo in shown})
   setting = ", ".join(sorted({f"width x{r.get('width_multiplier') or 1:g}, "
                               f"{r['epochs']} epochs, lr {r['lr']:g}" for r in records}))
   lines = ["### CIFAR-NV, REDUCED protocol (see configs/conv_reduced.py)", "",
@@ -92,8 +103,8 @@ def conv_table(records) -> tuple[str, dict]:
            "| method | " + " | ".join(f"B={b}, m={mo:g}" for b, mo in cols) + " |",
            "|---" * (len(cols) + 1) + "|"]
   for m in LABEL_ORDER:
-    if any(k[0] == m for k in best):
-      lines.append(f"| {m} | " + " | ".join(_fmt(best.get((m, b, mo))) for b, mo in cols)
+    if any(k[0] == m for k in shown):
+      lines.append(f"| {m} | " + " | ".join(_fmt(shown.get((m, b, mo))) for b, mo in cols)
                    + " |")
   return "\n".join(lines) + "\n", best
 

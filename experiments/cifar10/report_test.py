@@ -16,7 +16,9 @@ def test_fc_table_picks_the_best_learning_rate_per_cell(tmp_path):
   table, best = report.fc_table(records, "t")
   assert best[("ENorm-1", 3)]["lr"] == 0.1
   assert "| ENorm-1 | 60.00 (lr 0.1) | – |" in table
-  assert "| Baseline | – | 40.00 (lr 0.05) |" in table  # the diverged run is skipped
+  # A cell whose only run diverged says so; the diverged run is never "best".
+  assert "| Baseline | diverged (lr 0.05) | 40.00 (lr 0.05) |" in table
+  assert ("Baseline", 3) not in best
   report.fc_figure(best, tmp_path / "fc.png", "t")
   assert (tmp_path / "fc.png").stat().st_size > 0
 
