@@ -48,7 +48,8 @@ def _fmt(r):
   text = f"{100 * r['val_acc']:.2f}"
   if r.get("test_acc") is not None:
     text += f" / {100 * r['test_acc']:.2f}"
-  return text + f" (lr {r['lr']:g})"
+  groups = f", {r['gn_groups']} groups" if r.get("gn_groups") else ""
+  return text + f" (lr {r['lr']:g}{groups})"
 
 
 def fc_table(records, title) -> tuple[str, dict]:
@@ -98,7 +99,8 @@ def conv_table(records) -> tuple[str, dict]:
   setting = ", ".join(sorted({f"width x{r.get('width_multiplier') or 1:g}, "
                               f"{r['epochs']} epochs, lr {r['lr']:g}" for r in records}))
   lines = ["### CIFAR-NV, REDUCED protocol (see configs/conv_reduced.py)", "",
-           f"Validation accuracy %, one seed, learning rate fixed (not searched); "
+           f"Validation accuracy %, one seed, the best of the rates run per cell (not a "
+           f"full search; see configs/conv_reduced.py); "
            f"{setting}; runs finished: {len(records)}.", "",
            "| method | " + " | ".join(f"B={b}, m={mo:g}" for b, mo in cols) + " |",
            "|---" * (len(cols) + 1) + "|"]

@@ -56,6 +56,8 @@ CONV_BATCH_SIZES = (8, 32, 128)
 CONV_LR = 0.05
 # Momentum 0.9 makes the effective step 10x larger: its cells also run at 0.01.
 CONV_MOMENTUM_LR = 0.01
+CONV_GN_GROUPS = 32  # until the search below picks one
+CONV_GN_SEARCH = (32, 0.0)  # (batch size, momentum) of the GN group search
 KEY_FIELDS = ("method", "c", "depth", "batch_size", "momentum", "lr", "epochs", "seed",
               "gn_groups", "width_multiplier")
 
@@ -173,20 +175,38 @@ def fc_cells(stage, results_dir):
   return cells
 
 
-def conv_cells():
-  """Every method at each batch size and momentum at lr 0.05, the fastest cells first;
-  then momentum 0.9 again at `CONV_MOMENTUM_LR` (the paper grid's smallest rate)."""
+def conv_cells(results_dir):
+  """Reduced-protocol cells in priority order (some depend on earlier results).
+
+  1. Every method at each batch size and momentum at `CONV_LR`, GN with
+     `CONV_GN_GROUPS` groups, the fastest (largest) batches first.
+  2. GN's group count searched over the paper's grid at batch 32 without momentum.
+  3. If another count wins there, GN's other cells of step 1 again with it.
+  4. Momentum 0.9 again at `CONV_MOMENTUM_LR` (the paper grid's smallest rate), GN
+     with the chosen count (`CONV_GN_GROUPS` until the search is done).
+  """
   config = conv_reduced.get_config()
 
-  def cell(method, c, batch_size, momentum, lr):
+  def cell(method, c, batch_size, momentum, lr, groups=CONV_GN_GROUPS):
     return dict(method=method, c=c, batch_size=batch_size, momentum=momentum, lr=lr,
-                epochs=config.num_epochs, gn_groups=32 if method == "gn" else None,
+                epochs=config.num_epochs, gn_groups=groups if method == "gn" else None,
                 width_multiplier=config.width_multiplier)
   batch_sizes = sorted(CONV_BATCH_SIZES, reverse=True)
-  return ([cell(m, c, b, mo, CONV_LR) for b in batch_sizes for mo in conv.MOMENTUMS
-           for m, c in CONV_METHODS]
-          + [cell(m, c, b, 0.9, CONV_MOMENTUM_LR) for b in batch_sizes
-             for m, c in CONV_METHODS])
+  settings = [(b, mo) for b in batch_sizes for mo in conv.MOMENTUMS]
+  cells = [cell(m, c, b, mo, CONV_LR) for b, mo in settings for m, c in CONV_METHODS]
+  search = [cell("gn", 1.0, *CONV_GN_SEARCH, CONV_LR, g) for g in conv.GN_GROUPS]
+  cells += [x for x in search if x["gn_groups"] != CONV_GN_GROUPS]
+  done = read_results(os.path.join(results_dir, "cifar10_conv.json"))
+  search_keys = {cell_key(dict(x, depth=None, seed=0)) for x in search}
+  found = [r for r in done if cell_key(r) in search_keys]
+  chosen = _best(found) if len(found) == len(search) else None
+  groups = chosen["gn_groups"] if chosen else CONV_GN_GROUPS
+  if groups != CONV_GN_GROUPS:
+    cells += [cell("gn", 1.0, b, mo, CONV_LR, groups) for b, mo in settings
+              if (b, mo) != CONV_GN_SEARCH]
+  cells += [cell(m, c, b, 0.9, CONV_MOMENTUM_LR, groups) for b in batch_sizes
+            for m, c in CONV_METHODS]
+  return cells
 
 
 def make_config(sweep, cell, data_dir):
@@ -211,7 +231,7 @@ def make_config(sweep, cell, data_dir):
 def pending_cells(sweep, results_dir):
   """(cell, results path) pairs still to run, recomputed as results come in."""
   if sweep == "conv_reduced":
-    tagged = [(c, "cifar10_conv.json") for c in conv_cells()]
+    tagged = [(c, "cifar10_conv.json") for c in conv_cells(results_dir)]
   else:
     stage = "all" if sweep == "fc" else sweep.split("_")[1]
     tagged = [(c, "cifar10_fc.json" if c.pop("stage", None) == "final"

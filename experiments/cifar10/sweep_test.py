@@ -5,7 +5,7 @@ import json
 from absl import flags
 
 from experiments.cifar10 import sweep
-from experiments.cifar10.configs import fc
+from experiments.cifar10.configs import conv, fc
 
 
 def _record(cell, val_acc):
@@ -77,4 +77,24 @@ def test_parallel_workers_skip_claimed_cells(tmp_path, monkeypatch):
   assert ran[-1] == sweep.cell_name(sweep.make_record("conv_reduced", first))
   done = sweep.read_results(path)
   assert len(done) == 2 and {r["commit"] for r in done} == {"abc"}
-  assert len(sweep.pending_cells("conv_reduced", results_dir)) == len(sweep.conv_cells()) - 2
+  assert len(sweep.pending_cells("conv_reduced", results_dir)) == len(sweep.conv_cells(results_dir)) - 2
+
+
+def test_conv_gn_group_search_then_reruns_with_the_chosen_count(tmp_path):
+  flags.FLAGS(["sweep_test"])
+  cells = sweep.conv_cells(str(tmp_path))
+  search = [c for c in cells if c["method"] == "gn" and c["batch_size"] == 32
+            and c["momentum"] == 0.0]
+  assert sorted(c["gn_groups"] for c in search) == sorted(conv.GN_GROUPS)
+  late = [c for c in cells if c["lr"] == sweep.CONV_MOMENTUM_LR]
+  assert {c["gn_groups"] for c in late if c["method"] == "gn"} == {sweep.CONV_GN_GROUPS}
+  # 8 groups win the search: GN's other settings run again with 8 groups.
+  records = [dict(c, depth=None, seed=0, val_acc=0.7 if c["gn_groups"] == 8 else 0.6)
+             for c in search]
+  (tmp_path / "cifar10_conv.json").write_text(json.dumps(records))
+  cells = sweep.conv_cells(str(tmp_path))
+  reruns = [c for c in cells if c["method"] == "gn" and c["gn_groups"] == 8
+            and c["lr"] == sweep.CONV_LR and c not in search]
+  assert len(reruns) == len(sweep.CONV_BATCH_SIZES) * len(conv.MOMENTUMS) - 1
+  late = [c for c in cells if c["lr"] == sweep.CONV_MOMENTUM_LR and c["method"] == "gn"]
+  assert {c["gn_groups"] for c in late} == {8}

@@ -5,8 +5,9 @@ Differences from `conv.py` (the paper's): a quarter of the width (hidden widths
 on the same 40k/10k split, with the same schedule shape (quadratic decay to 1e-4
 over the shortened run). The learning rate is not searched: every cell runs at
 0.05, and the momentum-0.9 cells also at 0.01 (momentum makes the effective step
-10x larger; see `experiments/cifar10/sweep.py`). GroupNorm uses the largest group count <= 32 that
-divides each width. Measured on this machine: one epoch of the paper-width net
+10x larger). GroupNorm's group count G is searched over the paper's grid at
+batch 32 without momentum (see `experiments/cifar10/sweep.py`); each layer uses
+the largest group count <= G that divides its width. Measured on this machine: one epoch of the paper-width net
 at batch 128 takes about 10 minutes, so the full protocol would need months.
 """
 
