@@ -97,7 +97,8 @@ def conv_table(records) -> tuple[str, dict]:
   shown = {**diverged_by(records, key), **best}
   cols = sorted({(b, mo) for _, b, mo in shown})
   setting = ", ".join(sorted({f"width x{r.get('width_multiplier') or 1:g}, "
-                              f"{r['epochs']} epochs, lr {r['lr']:g}" for r in records}))
+                              f"{r['epochs']} epochs" for r in records}))
+  setting += ", lr " + " or ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in records}))
   lines = ["### CIFAR-NV, REDUCED protocol (see configs/conv_reduced.py)", "",
            f"Validation accuracy %, one seed, the best of the rates run per cell (not a "
            f"full search; see configs/conv_reduced.py); "
