@@ -35,9 +35,10 @@ def best_by(records, key_fn):
   return best
 
 
-def diverged_by(records, key_fn):
-  """A diverged record for each key that has one (shown where no run finished)."""
-  return {key_fn(r): r for r in records if r.get("val_acc") is None}
+def shown_by(records, key_fn):
+  """(best, shown): `best_by`, and that plus a diverged record for keys with no other run."""
+  best = best_by(records, key_fn)
+  return best, {**{key_fn(r): r for r in records if r.get("val_acc") is None}, **best}
 
 
 def _fmt(r):
@@ -53,9 +54,7 @@ def _fmt(r):
 
 
 def fc_table(records, title) -> tuple[str, dict]:
-  key = lambda r: (method_label(r), r["depth"])  # noqa: E731
-  best = best_by(records, key)
-  shown = {**diverged_by(records, key), **best}
+  best, shown = shown_by(records, lambda r: (method_label(r), r["depth"]))
   depths = sorted({d for _, d in shown})
   methods = sorted({m for m, _ in shown}, key=lambda m: list(LABEL_ORDER).index(m)
                    if m in LABEL_ORDER else 99)
@@ -92,9 +91,7 @@ def fc_figure(best, path, title):
 
 
 def conv_table(records) -> tuple[str, dict]:
-  key = lambda r: (method_label(r), r["batch_size"], r["momentum"])  # noqa: E731
-  best = best_by(records, key)
-  shown = {**diverged_by(records, key), **best}
+  best, shown = shown_by(records, lambda r: (method_label(r), r["batch_size"], r["momentum"]))
   cols = sorted({(b, mo) for _, b, mo in shown})
   setting = ", ".join(sorted({f"width x{r.get('width_multiplier') or 1:g}, "
                               f"{r['epochs']} epochs" for r in records}))

@@ -197,7 +197,7 @@ def conv_cells(results_dir):
   search = [cell("gn", 1.0, *CONV_GN_SEARCH, CONV_LR, g) for g in conv.GN_GROUPS]
   cells += [x for x in search if x["gn_groups"] != CONV_GN_GROUPS]
   done = read_results(os.path.join(results_dir, "cifar10_conv.json"))
-  search_keys = {cell_key(dict(x, depth=None, seed=0)) for x in search}
+  search_keys = {cell_key(make_record("conv_reduced", dict(x, seed=0))) for x in search}
   found = [r for r in done if cell_key(r) in search_keys]
   chosen = _best(found) if len(found) == len(search) else None
   groups = chosen["gn_groups"] if chosen else CONV_GN_GROUPS
