@@ -23,6 +23,10 @@ reachable here. A dense kernel is read twice more than that (its per-input and
 per-output sums need different factors, which depend on each other), a conv
 kernel's second read is of its 9x smaller tap sums.
 
+``read_ratio`` times one reduction of every kernel (its per-unit sums of w^2
+over its last axis, nothing written): what one read-only pass over the weights
+costs here, as a fraction of the floor.
+
 ``dependent_reads_ratio`` times `read_twice_then_write`: the two-pass
 reference plus a second read, after the first has finished, of every dense or
 1x1-conv kernel that is both a producer and a consumer (a cycle reads such a
@@ -84,6 +88,11 @@ def unit_norms(params):
       stat = _sum_taps((w * w).reshape(-1, *w.shape[-2:]))
       sums += [jnp.ones(stat.shape[0]) @ stat, stat @ jnp.ones(stat.shape[1])]
   return sums
+
+
+def last_axis_norms(params):
+  """Sums of w^2 over the last axis of every kernel: one read, nothing written."""
+  return [jnp.sum(w * w, axis=-1) for w in jax.tree.leaves(params) if w.ndim >= 2]
 
 
 def _fast_read(w):
@@ -194,6 +203,7 @@ def main():
     steps["dependent_reads"] = (jax.jit(lambda p, g=graph: read_twice_then_write(p, g),
                                         donate_argnums=0), jax.tree.map(jnp.copy, params))
     steps["norms"] = _read_only(unit_norms, params)
+    steps["read"] = _read_only(last_axis_norms, params)
     if args.profile:
       steps.update(_profile_steps(params, graph))
     if args.warm:
@@ -209,6 +219,7 @@ def main():
     row["dependent_reads_ratio"] = ms["dependent_reads"] / ms["floor"]
     row["norms_ms"] = ms["norms"]
     row["norms_ratio"] = ms["norms"] / ms["floor"]
+    row["read_ratio"] = ms["read"] / ms["floor"]
     if args.profile:
       row["factors_ratio"] = ms["factors_1"] / ms["floor"]
       row["extra_cycle_ratio"] = (ms["factors_11"] - ms["factors_1"]) / 10 / ms["floor"]
@@ -216,7 +227,7 @@ def main():
     records.append(row)
   _common.emit(records, ["model", "params_m", "floor_ms", "cycle_ms_sequential",
                          "cycle_ms_parallel", "ratio", "two_pass_ratio", "dependent_reads_ratio",
-                         "norms_ratio"]
+                         "norms_ratio", "read_ratio"]
                + (["factors_ratio", "extra_cycle_ratio", "write_ratio"] if args.profile else []),
                args.json)
 

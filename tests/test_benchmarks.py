@@ -28,6 +28,15 @@ def test_unit_norms_are_the_sums_over_inputs_and_outputs():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_last_axis_norms_read_every_kernel_once():
+  params = _params()
+  sums = jax.jit(cycle.last_axis_norms)(params)
+  kernels = [w for w in jax.tree.leaves(params) if w.ndim >= 2]
+  assert len(sums) == len(kernels)
+  for got, w in zip(sums, kernels):
+    np.testing.assert_allclose(got, (np.asarray(w, np.float64) ** 2).sum(axis=-1), rtol=1e-5)
+
+
 def test_read_then_write_scales_every_weight_by_one_common_factor():
   params = _params()
   out = jax.jit(cycle.read_then_write)(params)
