@@ -348,12 +348,20 @@ def test_repeated_single_cycles_do_not_drift_the_function():
 def test_division_by_scales_is_correctly_rounded():
   from enorm_jax.balance import _divide
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((1000, 64)).astype(np.float32)
-  x[0, :3] = [np.inf, -np.inf, np.nan]
-  # Just below 1 (where XLA's reciprocal is biased), near 1, and spread out.
-  t = np.concatenate([1 - np.arange(1, 46, 2) * 2.0 ** -24, 1 + rng.standard_normal(21) * 1e-4,
-                      np.exp(5 * rng.standard_normal(20))]).astype(np.float32)
-  np.testing.assert_array_equal(np.asarray(jax.jit(_divide)(x, t)), x / t)
+  # Magnitudes over 2^+-115, so quotients from 2^-100 up to overflow (inf).
+  x = (rng.standard_normal((1000, 66))
+       * np.exp2(rng.uniform(-80, 115, (1000, 1)))).astype(np.float32)
+  x[0, :5] = [np.inf, -np.inf, np.nan, 0.0, -0.0]
+  # Just below 1 (where XLA's reciprocal is biased), exactly 1, near 1, and spread out.
+  t = np.concatenate([1 - np.arange(1, 46, 2) * 2.0 ** -24, [1.0], 1 + rng.standard_normal(21) * 1e-4,
+                      np.exp(5 * rng.standard_normal(20)), [2.0 ** -20]]).astype(np.float32)
+  with np.errstate(over="ignore"):
+    expected = x / t
+  # Below 2^-100 the correction term would be subnormal (flushed to zero on CPU).
+  checked = ~(np.abs(expected) < 2.0 ** -100)
+  got = np.asarray(jax.jit(_divide)(x, t))
+  np.testing.assert_array_equal(got[checked], expected[checked])
+  assert np.isinf(expected).any() and np.array_equal(np.isnan(got), np.isnan(expected))
 
 
 def test_grouped_conv_with_overlapping_entries_matches_numpy():
