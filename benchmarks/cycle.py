@@ -25,7 +25,12 @@ kernel's second read is of its 9x smaller tap sums.
 
 ``read_ratio`` times one reduction of every kernel (its per-unit sums of w^2
 over its last axis, nothing written): what one read-only pass over the weights
-costs here, as a fraction of the floor.
+costs here, as a fraction of the floor. ``weighted_read_ratio`` times the
+same reduction with every w^2 weighted by a factor along the reduced axis, as
+a cycle weights a kernel's second reduction. On XLA:CPU with YNNPACK an
+unweighted sum of squares is one fused reduction kernel, while any weighted
+one (every formulation we tried) multiplies first and costs about twice as
+much.
 
 ``dependent_reads_ratio`` times `read_twice_then_write`: the two-pass
 reference plus a second read, after the first has finished, of every dense or
@@ -93,6 +98,12 @@ def unit_norms(params):
 def last_axis_norms(params):
   """Sums of w^2 over the last axis of every kernel: one read, nothing written."""
   return [jnp.sum(w * w, axis=-1) for w in jax.tree.leaves(params) if w.ndim >= 2]
+
+
+def weighted_last_axis_norms(params):
+  """`last_axis_norms` with w^2 weighted by a factor vector along the last axis."""
+  return [jnp.sum(w * w * jnp.linspace(0.5, 1.5, w.shape[-1], dtype=w.dtype), axis=-1)
+          for w in jax.tree.leaves(params) if w.ndim >= 2]
 
 
 def _fast_read(w):
@@ -204,6 +215,7 @@ def main():
                                         donate_argnums=0), jax.tree.map(jnp.copy, params))
     steps["norms"] = _read_only(unit_norms, params)
     steps["read"] = _read_only(last_axis_norms, params)
+    steps["weighted_read"] = _read_only(weighted_last_axis_norms, params)
     if args.profile:
       steps.update(_profile_steps(params, graph))
     if args.warm:
@@ -220,6 +232,7 @@ def main():
     row["norms_ms"] = ms["norms"]
     row["norms_ratio"] = ms["norms"] / ms["floor"]
     row["read_ratio"] = ms["read"] / ms["floor"]
+    row["weighted_read_ratio"] = ms["weighted_read"] / ms["floor"]
     if args.profile:
       row["factors_ratio"] = ms["factors_1"] / ms["floor"]
       row["extra_cycle_ratio"] = (ms["factors_11"] - ms["factors_1"]) / 10 / ms["floor"]
@@ -227,7 +240,7 @@ def main():
     records.append(row)
   _common.emit(records, ["model", "params_m", "floor_ms", "cycle_ms_sequential",
                          "cycle_ms_parallel", "ratio", "two_pass_ratio", "dependent_reads_ratio",
-                         "norms_ratio", "read_ratio"]
+                         "norms_ratio", "read_ratio", "weighted_read_ratio"]
                + (["factors_ratio", "extra_cycle_ratio", "write_ratio"] if args.profile else []),
                args.json)
 

@@ -37,6 +37,17 @@ def test_last_axis_norms_read_every_kernel_once():
     np.testing.assert_allclose(got, (np.asarray(w, np.float64) ** 2).sum(axis=-1), rtol=1e-5)
 
 
+def test_weighted_last_axis_norms_weight_along_the_reduced_axis():
+  params = _params()
+  sums = jax.jit(cycle.weighted_last_axis_norms)(params)
+  kernels = [w for w in jax.tree.leaves(params) if w.ndim >= 2]
+  assert len(sums) == len(kernels)
+  for got, w in zip(sums, kernels):
+    weights = np.linspace(0.5, 1.5, w.shape[-1])
+    np.testing.assert_allclose(got, (np.asarray(w, np.float64) ** 2 * weights).sum(axis=-1),
+                               rtol=1e-5)
+
+
 def test_read_then_write_scales_every_weight_by_one_common_factor():
   params = _params()
   out = jax.jit(cycle.read_then_write)(params)
