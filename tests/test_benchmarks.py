@@ -67,3 +67,27 @@ def test_read_twice_then_write_reads_shared_kernels_again_and_keeps_values():
   out = jax.jit(lambda p: cycle.read_twice_then_write(p, graph))(params)
   for w, v in zip(jax.tree.leaves(params), jax.tree.leaves(out)):
     np.testing.assert_allclose(v, w, rtol=1e-6)
+
+
+def test_breakdown_adds_thunk_times_by_kind_per_call():
+  from benchmarks import breakdown
+  text = """ENTRY %main (p: f32[4,5]) -> f32[4,5] {
+  %p = f32[4,5]{1,0} parameter(0)
+  %ynn_fusion.3 = f32[5]{0} fusion(%p), kind=kCustom
+  %ynn_fusion.12 = f32[4]{0} fusion(%p), kind=kCustom
+  %tuple.1 = (f32[4]{0}, f32[5]{0}) tuple(%ynn_fusion.12, %ynn_fusion.3)
+  ROOT %broadcast_multiply_fusion = f32[4,5]{1,0} fusion(%p), kind=kLoop
+}"""
+  sizes = breakdown.output_sizes(text)
+  assert sizes == {"p": 20, "ynn_fusion.3": 5, "ynn_fusion.12": 4,
+                   "broadcast_multiply_fusion": 20}
+  events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 100.0},
+            {"ph": "X", "name": "ynn_fusion.12", "dur": 300.0},
+            {"ph": "X", "name": "broadcast_multiply_fusion", "dur": 50.0},
+            {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000.0},
+            {"ph": "i", "name": "ynn_fusion.3", "dur": 7000.0}] * 2
+  parts = breakdown.thread_ms_by_kind(events, sizes, calls=2)
+  assert set(parts) == {"ynn_fusion", "broadcast_multiply_fusion"}
+  np.testing.assert_allclose(parts["ynn_fusion"]["ms"], 0.4)
+  np.testing.assert_allclose(parts["ynn_fusion"]["out_m"], 9e-6)
+  np.testing.assert_allclose(parts["broadcast_multiply_fusion"]["ms"], 0.05)

@@ -1,0 +1,123 @@
+r"""Where one ENorm cycle's time goes: XLA operation times from a profiler trace.
+
+    python -m benchmarks.breakdown [--quick] [--json PATH]
+
+For each model this traces ``reps`` donated calls of the floor (every weight
+read and written once, as in `benchmarks.cycle`) and of one sequential cycle
+with `jax.profiler`, and adds up the time the runtime spent in each XLA
+operation of the compiled program. Operations are grouped by kind: their HLO
+name without its numeric suffix. Each kind also reports how many elements its
+operations write (``out_m``, millions), which tells the passes apart:
+
+* a reduction of kernels to per-unit sums writes little (on XLA:CPU these are
+  ``ynn_fusion``: YNNPACK reductions);
+* the conv tap sums write a ninth of what they read;
+* the write of the new weights writes every weight (for a kernel between two
+  groups, a multiply by the output factors and a correctly rounded division by
+  the input factors);
+* ``dot`` are the matrix-vector products that contract the tap sums with
+  factor vectors.
+
+Times are thread times in ms per call, summed over the operations: the two
+cores can run two operations at once, so a sum can exceed the wall time. They
+are compared with ``floor_ms``, the same sum for the floor. The kind names are
+XLA's and may change between versions.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import math
+import re
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+import enorm_jax
+from benchmarks import _common
+
+_SHAPE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = \w+\[([\d,]*)\]")
+
+
+def output_sizes(compiled_text: str) -> dict[str, int]:
+  """Element count of every array-valued instruction of a compiled HLO module."""
+  sizes = {}
+  for line in compiled_text.splitlines():
+    m = _SHAPE.match(line)
+    if m:
+      sizes[m.group(1)] = math.prod(int(d) for d in m.group(2).split(",") if d)
+  return sizes
+
+
+def kind(name: str) -> str:
+  """An HLO instruction name without its numeric suffix (``dot.62`` -> ``dot``)."""
+  return re.sub(r"\.\d+$", "", name)
+
+
+def thread_ms_by_kind(events: list[dict], sizes: dict[str, int], calls: int
+                      ) -> dict[str, dict[str, float]]:
+  """Per-call thread ms and output elements (millions) of each kind of operation.
+
+  ``events`` are Chrome trace events; only complete events ('X') named after
+  an instruction in ``sizes`` count.
+  """
+  parts = collections.defaultdict(lambda: {"ms": 0.0, "out_m": 0.0})
+  seen = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or e.get("name") not in sizes:
+      continue
+    part = parts[kind(e["name"])]
+    part["ms"] += e["dur"] / 1e3 / calls
+    seen[e["name"]] += 1
+  for name, count in seen.items():
+    parts[kind(name)]["out_m"] += sizes[name] / 1e6 * (count / calls)
+  return dict(parts)
+
+
+def _trace(step, state, calls: int) -> list[dict]:
+  for _ in range(2):
+    state = jax.block_until_ready(step(state))
+  with tempfile.TemporaryDirectory() as logdir:
+    jax.profiler.start_trace(logdir)
+    for _ in range(calls):
+      state = jax.block_until_ready(step(state))
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(f"{logdir}/**/*.trace.json.gz", recursive=True)
+    with gzip.open(path) as f:
+      return json.load(f)["traceEvents"]
+
+
+def profile(fn, params, calls: int) -> dict[str, dict[str, float]]:
+  """Per-kind thread ms of jitted, donated ``fn`` on a copy of ``params``."""
+  jitted = jax.jit(fn, donate_argnums=0)
+  state = jax.tree.map(jnp.copy, params)
+  sizes = output_sizes(jitted.lower(state).compile().as_text())
+  return thread_ms_by_kind(_trace(jitted, state, calls), sizes, calls)
+
+
+def main():
+  args = _common.parser(__doc__).parse_args()
+  calls = 5 if args.quick else 20
+  records = []
+  for name, model, shape in _common.paper_models(args.quick):
+    params = _common.init_params(model, shape)
+    graph = model.rescaling_graph(params)
+    floor = profile(lambda p: jax.tree.map(lambda w: w * 1.0001, p), params, calls)
+    cycle = profile(lambda p, g=graph: enorm_jax.balance(p, g)[0], params, calls)
+    floor_ms = sum(part["ms"] for part in floor.values())
+    cycle_ms = sum(part["ms"] for part in cycle.values())
+    top = sorted(cycle.items(), key=lambda kv: -kv[1]["ms"])
+    records.append(dict(
+        model=name, floor_ms=floor_ms, cycle_ms=cycle_ms, ratio=cycle_ms / floor_ms,
+        parts={k: dict(v, floors=v["ms"] / floor_ms) for k, v in top},
+        top=", ".join(f"{k} {v['ms'] / floor_ms:.2f} ({v['out_m']:.2g}M out)"
+                      for k, v in top[:4])))
+  _common.emit(records, ["model", "floor_ms", "cycle_ms", "ratio", "top"], args.json)
+
+
+if __name__ == "__main__":
+  main()
