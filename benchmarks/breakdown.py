@@ -20,8 +20,9 @@ operations write (``out_m``, millions), which tells the passes apart:
 
 Times are thread times in ms per call, summed over the operations: the two
 cores can run two operations at once, so a sum can exceed the wall time. They
-are compared with ``floor_ms``, the same sum for the floor. The kind names are
-XLA's and may change between versions.
+are compared with ``floor_ms``, the same sum for the floor. A conditional's
+time includes the operations of the branch it ran (a cycle's log-space
+fallback). The kind names are XLA's and may change between versions.
 """
 
 from __future__ import annotations
@@ -40,16 +41,18 @@ import jax.numpy as jnp
 import enorm_jax
 from benchmarks import _common
 
-_SHAPE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = \w+\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\([^)]*\)|\w+\[[\d,]*\])")
+_DIMS = re.compile(r"\[([\d,]*)\]")
 
 
 def output_sizes(compiled_text: str) -> dict[str, int]:
-  """Element count of every array-valued instruction of a compiled HLO module."""
+  """Elements written by every instruction of a compiled HLO module (all tuple parts)."""
   sizes = {}
   for line in compiled_text.splitlines():
-    m = _SHAPE.match(line)
+    m = _INSTRUCTION.match(line)
     if m:
-      sizes[m.group(1)] = math.prod(int(d) for d in m.group(2).split(",") if d)
+      sizes[m.group(1)] = sum(math.prod(int(d) for d in dims.split(",") if d)
+                              for dims in _DIMS.findall(m.group(2)))
   return sizes
 
 

@@ -79,7 +79,7 @@ def test_breakdown_adds_thunk_times_by_kind_per_call():
   ROOT %broadcast_multiply_fusion = f32[4,5]{1,0} fusion(%p), kind=kLoop
 }"""
   sizes = breakdown.output_sizes(text)
-  assert sizes == {"p": 20, "ynn_fusion.3": 5, "ynn_fusion.12": 4,
+  assert sizes == {"p": 20, "ynn_fusion.3": 5, "ynn_fusion.12": 4, "tuple.1": 9,
                    "broadcast_multiply_fusion": 20}
   events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 100.0},
             {"ph": "X", "name": "ynn_fusion.12", "dur": 300.0},
@@ -91,3 +91,13 @@ def test_breakdown_adds_thunk_times_by_kind_per_call():
   np.testing.assert_allclose(parts["ynn_fusion"]["ms"], 0.4)
   np.testing.assert_allclose(parts["ynn_fusion"]["out_m"], 9e-6)
   np.testing.assert_allclose(parts["broadcast_multiply_fusion"]["ms"], 0.05)
+
+
+def test_breakdown_profile_finds_the_operations_of_a_traced_program():
+  from benchmarks import breakdown
+  params = {"w": jnp.ones((64, 32)), "v": jnp.ones((32, 8))}
+  parts = breakdown.profile(lambda p: {k: jnp.sin(w) * 2.0 for k, w in p.items()}, params,
+                            calls=2)
+  assert parts and all(part["ms"] > 0 for part in parts.values())
+  # Every element of both outputs is written once per call.
+  np.testing.assert_allclose(sum(part["out_m"] for part in parts.values()), 2304e-6)
