@@ -96,15 +96,18 @@ def unit_norms(params):
   return sums
 
 
-def last_axis_norms(params):
-  """Sums of w^2 over the last axis of every kernel: one read, nothing written."""
-  return [jnp.sum(w * w, axis=-1) for w in jax.tree.leaves(params) if w.ndim >= 2]
+def last_axis_norms(params, weighted: bool = False):
+  """Sums of w^2 over the last axis of every kernel: one read, nothing written.
 
-
-def weighted_last_axis_norms(params):
-  """`last_axis_norms` with w^2 weighted by a factor vector along the last axis."""
-  return [jnp.sum(w * w * jnp.linspace(0.5, 1.5, w.shape[-1], dtype=w.dtype), axis=-1)
-          for w in jax.tree.leaves(params) if w.ndim >= 2]
+  With ``weighted``, w^2 is weighted by a factor vector along that axis
+  (``linspace(0.5, 1.5)``), as a cycle weights a kernel's second reduction.
+  """
+  def norms(w):
+    sq = w * w
+    if weighted:
+      sq = sq * jnp.linspace(0.5, 1.5, w.shape[-1], dtype=w.dtype)
+    return jnp.sum(sq, axis=-1)
+  return [norms(w) for w in jax.tree.leaves(params) if w.ndim >= 2]
 
 
 def _fast_read(w):
@@ -216,7 +219,7 @@ def main():
                                         donate_argnums=0), jax.tree.map(jnp.copy, params))
     steps["norms"] = _read_only(unit_norms, params)
     steps["read"] = _read_only(last_axis_norms, params)
-    steps["weighted_read"] = _read_only(weighted_last_axis_norms, params)
+    steps["weighted_read"] = _read_only(lambda p: last_axis_norms(p, weighted=True), params)
     if args.profile:
       steps.update(_profile_steps(params, graph))
     if args.warm:

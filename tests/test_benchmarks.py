@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks import cycle
 
@@ -28,22 +29,14 @@ def test_unit_norms_are_the_sums_over_inputs_and_outputs():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_last_axis_norms_read_every_kernel_once():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_last_axis_norms_read_every_kernel_once(weighted):
   params = _params()
-  sums = jax.jit(cycle.last_axis_norms)(params)
+  sums = jax.jit(lambda p: cycle.last_axis_norms(p, weighted))(params)
   kernels = [w for w in jax.tree.leaves(params) if w.ndim >= 2]
   assert len(sums) == len(kernels)
   for got, w in zip(sums, kernels):
-    np.testing.assert_allclose(got, (np.asarray(w, np.float64) ** 2).sum(axis=-1), rtol=1e-5)
-
-
-def test_weighted_last_axis_norms_weight_along_the_reduced_axis():
-  params = _params()
-  sums = jax.jit(cycle.weighted_last_axis_norms)(params)
-  kernels = [w for w in jax.tree.leaves(params) if w.ndim >= 2]
-  assert len(sums) == len(kernels)
-  for got, w in zip(sums, kernels):
-    weights = np.linspace(0.5, 1.5, w.shape[-1])
+    weights = np.linspace(0.5, 1.5, w.shape[-1]) if weighted else 1.0
     np.testing.assert_allclose(got, (np.asarray(w, np.float64) ** 2 * weights).sum(axis=-1),
                                rtol=1e-5)
 
