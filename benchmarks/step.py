@@ -3,9 +3,16 @@ r"""Training-step overhead of ENorm vs. BatchNorm and GroupNorm, side by side.
     python -m benchmarks.step [--quick] [--json PATH]
 
 For each model: the plain step (forward, backward, SGD with momentum 0.9 and
-weight decay), the same step wrapped in ``enorm``, and the model with BN and
-with GN instead. Overheads are fractions of the plain step's median time; the
-four variants are timed in alternation (one step of each per round).
+weight decay), the same step wrapped in ``enorm`` (with the default sequential
+and with the parallel schedule), and the model with BN and
+with GN instead. Overheads are fractions of the plain step's median time; all
+variants are timed in alternation (one step of each per round).
+
+Two more variants do less than an exact ENorm step must (see `row_rescale`),
+so their overheads are a floor under ENorm's on this machine: ``bound`` adds one
+unweighted norm pass over the SGD step's output and then rescales the weights
+and the momentum by factors that depend on it; ``bound_params`` rescales the
+weights only, as if the momentum's rescale were folded into the next step.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import enorm_jax
 from benchmarks import _common
 from experiments.models import CifarNV, FullyConnected, ResNet18C
 
+VARIANTS = ("plain", "enorm", "enorm_parallel", "bn", "gn", "bound", "bound_params")
 CONFIGS = [("FC-15", lambda **kw: FullyConnected(depth=15, **kw), (256, 3072), 256),
            ("CIFAR-NV", lambda **kw: CifarNV(**kw), (32, 28, 28, 3), 32),
            ("ResNet-18C", lambda **kw: ResNet18C(**kw), (32, 224, 224, 3), 32)]
@@ -50,6 +58,38 @@ def _resnet_layers(stages, bottleneck):
         layers.append((1, cin, out, hw))
       cin = out
   return layers
+
+
+def row_rescale(inner: optax.GradientTransformation, rescale_state: bool = True
+                ) -> optax.GradientTransformation:
+  """Less than an exact ENorm cycle must do after ``inner``; a timing bound only.
+
+  A cycle's factors depend on norms of the weights after the optimizer's
+  step, so the balanced weights (and the rescaled momentum) can only be
+  written after a pass that reads them. An exact cycle needs at least two
+  such passes, one of them weighted; this does one unweighted pass (sums of
+  w^2 over the last axis, XLA:CPU's cheapest reduction) and multiplies each
+  row by a factor from its sum, dividing the momentum rows by it with
+  ``rescale_state``. Not function-preserving: it only moves the same memory.
+  """
+  def row_factors(w):
+    if w.ndim < 2:
+      return None
+    return jax.lax.rsqrt(1.0 + jnp.mean(w * w, axis=-1, keepdims=True))
+
+  def update(updates, state, params, **extra_args):
+    updates, state = inner.update(updates, state, params, **extra_args)
+    stepped = optax.apply_updates(params, updates)
+    factors = jax.tree.map(row_factors, stepped)
+    scaled = jax.tree.map(lambda w, f: w if f is None else w * f, stepped, factors,
+                          is_leaf=lambda x: x is None)
+    if rescale_state:
+      state = optax.tree_utils.tree_map_params(
+          inner, lambda m, f: m if f is None else m / f, state, factors,
+          is_leaf=lambda x: x is None)
+    return jax.tree.map(jnp.subtract, scaled, params), state
+
+  return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def make_step(model, x, y, tx, has_stats):
@@ -86,19 +126,22 @@ def main():
     y = jnp.zeros((batch,), jnp.int32)
     row = dict(model=name, batch_size=batch)
     steps = {}
-    for variant in ("plain", "enorm", "bn", "gn"):
+    for variant in VARIANTS:
       norm = {"bn": "batch", "gn": "group"}.get(variant, "none")
       model = make(norm=norm)
       variables = model.init(jax.random.key(1), x[:1])
       params, stats = variables["params"], variables.get("batch_stats", {})
       tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.01, momentum=0.9))
-      if variant == "enorm":
-        tx = enorm_jax.enorm(tx, model.rescaling_graph(params))
+      if variant.startswith("enorm"):
+        schedule = "parallel" if variant == "enorm_parallel" else "sequential"
+        tx = enorm_jax.enorm(tx, model.rescaling_graph(params), schedule=schedule)
+      elif variant.startswith("bound"):
+        tx = row_rescale(tx, rescale_state=variant == "bound")
       steps[variant] = (make_step(model, x, y, tx, bool(stats)),
                         (params, stats, tx.init(params)))
     ms = _common.interleaved_ms(steps, reps)
     row.update({f"{variant}_ms": ms[variant] for variant in steps})
-    for v in ("enorm", "bn", "gn"):
+    for v in VARIANTS[1:]:
       row[f"{v}_overhead"] = row[f"{v}_ms"] / row["plain_ms"] - 1
     for v in ("plain", "enorm", "bn", "gn"):
       row[f"{v}_images_per_s"] = batch / row[f"{v}_ms"] * 1e3
@@ -106,7 +149,8 @@ def main():
     row["enorm_over_gn"] = row["enorm_overhead"] / row["gn_overhead"]
     records.append(row)
   _common.emit(records, ["model", "batch_size", "plain_ms", "enorm_overhead", "bn_overhead",
-                         "gn_overhead", "enorm_over_bn", "enorm_over_gn"], args.json)
+                         "gn_overhead", "enorm_over_bn", "enorm_over_gn", "enorm_parallel_overhead", "bound_overhead",
+                         "bound_params_overhead"], args.json)
   print("\nThroughput (images/s):")
   _common.emit(records, ["model", "batch_size", "plain_images_per_s", "enorm_images_per_s",
                          "bn_images_per_s", "gn_images_per_s"], None)

@@ -94,3 +94,26 @@ def test_breakdown_profile_finds_the_operations_of_a_traced_program():
   assert parts and all(part["ms"] > 0 for part in parts.values())
   # Every element of both outputs is written once per call.
   np.testing.assert_allclose(sum(part["out_m"] for part in parts.values()), 2304e-6)
+
+
+@pytest.mark.parametrize("rescale_state", [True, False])
+def test_row_rescale_scales_stepped_rows_and_divides_momentum_rows(rescale_state):
+  import optax
+  from benchmarks.step import row_rescale
+  params = _params()
+  grads = jax.tree.map(lambda w: jnp.cos(w), params)
+  inner = optax.sgd(0.1, momentum=0.9)
+  tx = row_rescale(inner, rescale_state)
+  updates, state = tx.update(grads, tx.init(params), params)
+  _, inner_state = inner.update(grads, inner.init(params), params)
+  new = optax.apply_updates(params, updates)
+  for path, w in jax.tree_util.tree_leaves_with_path(params):
+    name = path[0].key
+    stepped = np.asarray(w, np.float64) - 0.1 * np.asarray(grads[name], np.float64)
+    trace = np.asarray(inner_state[0].trace[name], np.float64)
+    factor = 1.0
+    if w.ndim >= 2:
+      factor = 1 / np.sqrt(1 + (stepped ** 2).mean(axis=-1, keepdims=True))
+    np.testing.assert_allclose(new[name], stepped * factor, rtol=1e-5)
+    np.testing.assert_allclose(state[0].trace[name],
+                               trace / factor if rescale_state else trace, rtol=1e-5)
