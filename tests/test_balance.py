@@ -364,6 +364,31 @@ def test_division_by_scales_is_correctly_rounded():
   assert np.isinf(expected).any() and np.array_equal(np.isnan(got), np.isnan(expected))
 
 
+def test_rescale_of_a_conv_kernel_divides_correctly_rounded_along_its_input_axis():
+  """A 3x3 conv's input-axis factors are spread over an (in, out) block first."""
+  from enorm_jax.balance import _spread
+  rng = np.random.default_rng(5)
+  params = {"a": rng.standard_normal((3, 3, 2, 4)), "b": rng.standard_normal((3, 3, 4, 5)),
+            "c": rng.standard_normal((5, 3))}
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+  graph = enorm_jax.RescalingGraph((
+      enorm_jax.Group(4, (enorm_jax.Entry("a", 3),), (enorm_jax.Entry("b", 2),)),
+      enorm_jax.Group(5, (enorm_jax.Entry("b", 3),), (enorm_jax.Entry("c", 0),)),
+  ))
+  scales = [np.float32(1 - np.arange(1, 9, 2) * 2.0 ** -24),
+            np.exp(rng.standard_normal(5)).astype(np.float32)]
+  out = jax.jit(enorm_jax.rescale, static_argnums=2)(params, scales, graph)
+  b = np.asarray(params["b"])
+  np.testing.assert_array_equal(out["b"], (b / scales[0][:, None]) * scales[1])  # graph order
+  np.testing.assert_array_equal(out["c"], np.asarray(params["c"]) / scales[1][:, None])
+  entry = graph.resolve(params)[0].consumers[0]
+  m = jnp.arange(4.0).reshape(1, 1, 4, 1)
+  assert _spread(m, entry).shape == (1, 1, 4, 5)
+  np.testing.assert_array_equal(_spread(m, entry), jnp.broadcast_to(m, (1, 1, 4, 5)))
+  dense = graph.resolve(params)[1].consumers[0]
+  assert _spread(jnp.ones((5, 1)), dense).shape == (5, 1)
+
+
 def test_grouped_conv_with_overlapping_entries_matches_numpy():
   """A grouped 3x3 conv whose input and output entries share the group axis.
 
