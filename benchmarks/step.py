@@ -149,8 +149,9 @@ def main():
     row["enorm_over_gn"] = row["enorm_overhead"] / row["gn_overhead"]
     records.append(row)
   _common.emit(records, ["model", "batch_size", "plain_ms", "enorm_overhead", "bn_overhead",
-                         "gn_overhead", "enorm_over_bn", "enorm_over_gn", "enorm_parallel_overhead", "bound_overhead",
-                         "bound_params_overhead"], args.json)
+                         "gn_overhead", "enorm_over_bn", "enorm_over_gn",
+                         "enorm_parallel_overhead", "bound_overhead", "bound_params_overhead"],
+               args.json)
   print("\nThroughput (images/s):")
   _common.emit(records, ["model", "batch_size", "plain_images_per_s", "enorm_images_per_s",
                          "bn_images_per_s", "gn_images_per_s"], None)

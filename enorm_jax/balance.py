@@ -139,7 +139,8 @@ def _spread(m: jax.Array, r: ResolvedEntry) -> jax.Array:
   of a floor faster when that factor is a materialized (in, out) block,
   broadcast over the taps only, than when it is a vector broadcast inside
   the 4-D loop. Values are unchanged. Only done when the block is at most a
-  quarter of the parameter (not for dense kernels or 1x1 convs).
+  quarter of the parameter (not for dense kernels or 1x1 convs). The barrier
+  keeps XLA from folding the broadcast back into the kernel's loop.
   """
   first = min(r.axes)
   block = r.view[first:]
