@@ -133,20 +133,20 @@ def _divide(x: jax.Array, t: jax.Array, spread=lambda m: m) -> jax.Array:
 
 
 def _spread(m: jax.Array, r: ResolvedEntry) -> jax.Array:
-  """``m`` (from `_expand`) written out over the trailing axes from its first unit axis.
+  """``m`` (from `_expand`) broadcast over the trailing axes from its first unit axis.
 
-  XLA:CPU writes a conv kernel scaled along its input-channel axis about 10 %
-  of a floor faster when that factor is a materialized (in, out) block,
-  broadcast over the taps only, than when it is a vector broadcast inside
-  the 4-D loop. Values are unchanged. Only done when the block is at most a
-  quarter of the parameter (not for dense kernels or 1x1 convs). The barrier
-  keeps XLA from folding the broadcast back into the kernel's loop.
+  XLA:CPU writes a conv kernel scaled along its input-channel axis faster when
+  that factor is first broadcast to an (in, out) block and then over the taps
+  than when the vector is broadcast inside the 4-D loop in one go (the write
+  alone on ResNet-18C: 1.28-1.34 floors against 1.46-1.48). Values are
+  unchanged. Skipped for dense kernels and 1x1 convs, where the block is most
+  of the parameter.
   """
   first = min(r.axes)
   block = r.view[first:]
   if m.shape[first:] == block or 4 * math.prod(block) > math.prod(r.view):
     return m
-  full = lax.optimization_barrier(jnp.broadcast_to(m.reshape(m.shape[first:]), block))
+  full = jnp.broadcast_to(m.reshape(m.shape[first:]), block)
   return full.reshape(m.shape[:first] + block)
 
 
