@@ -138,7 +138,7 @@ def _spread(m: jax.Array, r: ResolvedEntry) -> jax.Array:
   XLA:CPU writes a conv kernel scaled along its input-channel axis faster when
   that factor is first broadcast to an (in, out) block and then over the taps
   than when the vector is broadcast inside the 4-D loop in one go (the write
-  alone on ResNet-18C: 1.28-1.34 floors against 1.46-1.48). Values are
+  alone on ResNet-18C: 1.26-1.34 floors against 1.42-1.48, six runs). Values are
   unchanged. Skipped for dense kernels and 1x1 convs, where the block is most
   of the parameter.
   """
