@@ -31,12 +31,17 @@ def interleaved_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], reps: int
   """Median wall time (ms) of ``state = step(state)`` per named (step, state).
 
   Each round calls every step once, so slow drifts of the machine hit all of
-  them alike; ratios between the medians are side-by-side comparisons.
+  them alike; ratios between the medians are side-by-side comparisons. The
+  order rotates by one step per round, so that every step comes first equally
+  often (the first call of a round was seen to be the slowest).
   """
   states = {name: state for name, (_, state) in steps.items()}
   times = {name: [] for name in steps}
+  names = list(steps)
   for round_ in range(warmup + reps):
-    for name, (step, _) in steps.items():
+    shift = round_ % len(names)
+    for name in names[shift:] + names[:shift]:
+      step = steps[name][0]
       t = time.perf_counter()
       states[name] = jax.block_until_ready(step(states[name]))
       if round_ >= warmup:

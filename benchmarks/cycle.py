@@ -41,6 +41,14 @@ its inputs). It is a reference, not a lower bound: a cycle may do the second
 read of a kernel while it is still in cache, which this program, with all
 first reads before all second reads, cannot.
 
+``unit_write_ratio`` times the same program with a cycle's write pattern as
+well (``read_twice_then_write(..., per_unit=True)``): every weight is written
+times per-unit vectors along its unit axes (output axis for producers, input
+axis for consumers, both for a kernel between two groups), made from the
+reads, by plain multiplication. A cycle's write also divides correctly
+rounded, and its factors come from many small dependent group updates; this
+column leaves both out.
+
 ``--profile`` adds the parts of a sequential cycle, as fractions of the floor:
 ``factors_ratio`` (one cycle's factors, nothing written: the pass over every
 weight plus the group updates), ``extra_cycle_ratio`` (one more cycle of group
@@ -60,6 +68,11 @@ import jax.numpy as jnp
 import enorm_jax
 from benchmarks import _common
 from experiments.models import ResNet50
+
+
+# Factors are 1 + _NUDGE * (sums of the reads): 1.0 in value, but XLA cannot
+# know that, so the write waits for the reads.
+_NUDGE = 1e-30
 
 
 def _sum_taps(rows):
@@ -128,7 +141,7 @@ def _fast_read(w):
 def read_then_write(params):
   """Reads every weight into one scalar, then writes every weight scaled by it."""
   total = sum(_fast_read(w) for w in jax.tree.leaves(params))
-  scale = 1.0 + 1e-30 * total
+  scale = 1.0 + _NUDGE * total
   return jax.tree.map(lambda w: w * scale.astype(w.dtype), params)
 
 
@@ -136,7 +149,7 @@ def _paths(graph, role):
   return {e.path for g in graph.groups for e in getattr(g, role)}
 
 
-def read_twice_then_write(params, graph):
+def read_twice_then_write(params, graph, per_unit: bool = False):
   """`read_then_write` with a second read of every kernel that needs one.
 
   A dense or 1x1-conv kernel that is both a producer and a consumer has
@@ -146,8 +159,15 @@ def read_twice_then_write(params, graph):
   them again over their inputs, weighted by a vector made from that scalar, and
   only then writes every weight. Conv kernels with taps are read once, as
   `balance` reads them (the cycles work on their 9x smaller tap sums).
+
+  With ``per_unit``, the write scales each weight along its unit axes, as a
+  cycle writes it: producers (and 1-D leaves) times a vector along the last
+  axis, consumers times a vector along the input axis (a kernel with both roles
+  takes both), by plain multiplication (no correctly rounded division).
+  Otherwise every weight is multiplied by one scalar.
   """
-  twice = _paths(graph, "producers") & _paths(graph, "consumers")
+  producers, consumers = _paths(graph, "producers"), _paths(graph, "consumers")
+  twice = producers & consumers
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = ["/".join(jax.tree_util.keystr((k,), simple=True) for k in kp) for kp, _ in flat]
   leaves = [w for _, w in flat]
@@ -156,10 +176,23 @@ def read_twice_then_write(params, graph):
   for path, w in zip(paths, leaves):
     if path in twice and _is_matrix(w):
       w = w.reshape(w.shape[-2:])
-      weights = 1.0 + 1e-30 * first * jnp.arange(w.shape[0], dtype=w.dtype)
+      weights = 1.0 + _NUDGE * first * jnp.arange(w.shape[0], dtype=w.dtype)
       second = second + jnp.sum(jnp.sum((w / weights[:, None]) ** 2, axis=0))
-  scale = 1.0 + 1e-30 * (first + second)
-  return jax.tree_util.tree_unflatten(treedef, [w * scale.astype(w.dtype) for w in leaves])
+  total = first + second
+
+  def unit_factors(n, dtype):
+    return 1.0 + (_NUDGE * total).astype(dtype) * jnp.arange(n, dtype=dtype)
+
+  def write(path, w):
+    if not per_unit:
+      return w * (1.0 + _NUDGE * total).astype(w.dtype)
+    if w.ndim < 2 or path in producers:
+      w = w * unit_factors(w.shape[-1], w.dtype)
+    if w.ndim >= 2 and path in consumers:
+      w = w * unit_factors(w.shape[-2], w.dtype)[:, None]
+    return w
+
+  return jax.tree_util.tree_unflatten(treedef, [write(*pw) for pw in zip(paths, leaves)])
 
 
 def _read_only(fn, params):
@@ -217,6 +250,8 @@ def main():
                          jax.tree.map(jnp.copy, params))
     steps["dependent_reads"] = (jax.jit(lambda p, g=graph: read_twice_then_write(p, g),
                                         donate_argnums=0), jax.tree.map(jnp.copy, params))
+    steps["unit_write"] = (jax.jit(lambda p, g=graph: read_twice_then_write(p, g, True),
+                                   donate_argnums=0), jax.tree.map(jnp.copy, params))
     steps["norms"] = _read_only(unit_norms, params)
     steps["read"] = _read_only(last_axis_norms, params)
     steps["weighted_read"] = _read_only(lambda p: last_axis_norms(p, weighted=True), params)
@@ -233,6 +268,7 @@ def main():
     row["two_pass_ms"] = ms["two_pass"]
     row["two_pass_ratio"] = ms["two_pass"] / ms["floor"]
     row["dependent_reads_ratio"] = ms["dependent_reads"] / ms["floor"]
+    row["unit_write_ratio"] = ms["unit_write"] / ms["floor"]
     row["norms_ms"] = ms["norms"]
     row["norms_ratio"] = ms["norms"] / ms["floor"]
     row["read_ratio"] = ms["read"] / ms["floor"]
@@ -244,6 +280,7 @@ def main():
     records.append(row)
   _common.emit(records, ["model", "params_m", "floor_ms", "cycle_ms_sequential",
                          "cycle_ms_parallel", "ratio", "two_pass_ratio", "dependent_reads_ratio",
+                         "unit_write_ratio",
                          "norms_ratio", "read_ratio", "weighted_read_ratio"]
                + (["factors_ratio", "extra_cycle_ratio", "write_ratio"] if args.profile else []),
                args.json)

@@ -62,6 +62,27 @@ def test_read_twice_then_write_reads_shared_kernels_again_and_keeps_values():
     np.testing.assert_allclose(v, w, rtol=1e-6)
 
 
+def test_per_unit_write_scales_each_kernel_along_its_unit_axes(monkeypatch):
+  from experiments.models import FullyConnected
+  model = FullyConnected(depth=2, width=8)
+  params = model.init(jax.random.key(0), jnp.ones((1, 3072)))["params"]
+  graph = model.rescaling_graph(params)
+  params["Dense_0"]["bias"] = jnp.linspace(1.0, 2.0, 8)  # initialised to zeros
+  monkeypatch.setattr(cycle, "_NUDGE", 1e-4)  # factors visibly different from 1
+  out = jax.jit(lambda p: cycle.read_twice_then_write(p, graph, per_unit=True))(params)
+  ratio = {k: np.asarray(out[k]["kernel"], np.float64) / np.asarray(params[k]["kernel"])
+           for k in ("Dense_0", "Dense_1", "Dense_3")}
+  varies = lambda r, axis: np.ptp(r, axis=axis).max() > 1e-4
+  assert varies(ratio["Dense_0"], 1) and not varies(ratio["Dense_0"], 0)  # producer only
+  assert varies(ratio["Dense_3"], 0) and not varies(ratio["Dense_3"], 1)  # consumer only
+  assert varies(ratio["Dense_1"], 0) and varies(ratio["Dense_1"], 1)  # both
+  # Rank one: out / w is an outer product of an input and an output vector.
+  r = ratio["Dense_1"]
+  np.testing.assert_allclose(r, np.outer(r[:, 0], r[0]) / r[0, 0], rtol=1e-5)
+  bias = np.asarray(out["Dense_0"]["bias"]) / np.asarray(params["Dense_0"]["bias"])
+  np.testing.assert_allclose(bias, ratio["Dense_0"][0], rtol=1e-5)
+
+
 def test_breakdown_adds_thunk_times_by_kind_per_call():
   from benchmarks import breakdown
   text = """ENTRY %main (p: f32[4,5]) -> f32[4,5] {
@@ -117,3 +138,13 @@ def test_row_rescale_scales_stepped_rows_and_divides_momentum_rows(rescale_state
     np.testing.assert_allclose(new[name], stepped * factor, rtol=1e-5)
     np.testing.assert_allclose(state[0].trace[name],
                                trace / factor if rescale_state else trace, rtol=1e-5)
+
+
+def test_interleaved_timing_rotates_which_step_comes_first():
+  from benchmarks import _common
+  calls = []
+  steps = {name: (lambda s, name=name: calls.append(name) or s + 1, 0) for name in "abc"}
+  ms = _common.interleaved_ms(steps, reps=3, warmup=1)
+  assert set(ms) == {"a", "b", "c"}
+  rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+  assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]
