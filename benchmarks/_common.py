@@ -33,7 +33,7 @@ def interleaved_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], reps: int
   Each round calls every step once, so slow drifts of the machine hit all of
   them alike; ratios between the medians are side-by-side comparisons. The
   order rotates by one step per round, so that every step comes first equally
-  often (the first call of a round was seen to be the slowest).
+  often and none is favoured by its place in the round.
   """
   states = {name: state for name, (_, state) in steps.items()}
   times = {name: [] for name in steps}
