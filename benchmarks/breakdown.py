@@ -1,6 +1,6 @@
 r"""Where one ENorm cycle's time goes: XLA operation times from a profiler trace.
 
-    python -m benchmarks.breakdown [--quick] [--json PATH]
+    python -m benchmarks.breakdown [--quick] [--json PATH] [--steps]
 
 For each model this traces ``reps`` donated calls of the floor (every weight
 read and written once, as in `benchmarks.cycle`) and of one sequential cycle
@@ -23,6 +23,14 @@ cores can run two operations at once, so a sum can exceed the wall time. They
 are compared with ``floor_ms``, the same sum for the floor. A conditional's
 time includes the operations of the branch it ran (a cycle's log-space
 fallback). The kind names are XLA's and may change between versions.
+
+With ``--steps`` it profiles training steps instead: the plain step and the
+``enorm`` step of `benchmarks.step` (``calls`` steps each, 3 with
+``--quick``, on the same weights), and reports both steps' thread time,
+the kinds that take the most in either, and ``enorm_only_ms``, the time of
+the kinds of operation that only the ENorm step has. ENorm's other work is in
+kinds both steps have (e.g. YNNPACK reductions, which also run the
+convolutions), so ``enorm_only_ms`` is a part of its cost, not all of it.
 """
 
 from __future__ import annotations
@@ -102,8 +110,49 @@ def profile(fn, params, calls: int) -> dict[str, dict[str, float]]:
                            calls)
 
 
+def step_record(name: str, make, shape, calls: int) -> dict:
+  """Per-kind thread ms of the plain and the ENorm training step of one model."""
+  import optax
+
+  from benchmarks import step as step_bench
+  x = jax.random.normal(jax.random.key(0), shape)
+  y = jnp.zeros((shape[0],), jnp.int32)
+  model = make(norm="none")
+  params = model.init(jax.random.key(1), x[:1])["params"]
+  parts = {}
+  for variant in ("plain", "enorm"):
+    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.01, momentum=0.9))
+    if variant == "enorm":
+      tx = enorm_jax.enorm(tx, model.rescaling_graph(params))
+    step = step_bench.make_step(model, x, y, tx, False)
+    state = (jax.tree.map(jnp.copy, params), {}, tx.init(params))
+    compiled = step.lower(state).compile()
+    parts[variant] = thread_ms_by_kind(_trace(compiled, state, calls),
+                                       output_sizes(compiled.as_text()), calls)
+  totals = {v: sum(part["ms"] for part in parts[v].values()) for v in parts}
+  kinds = sorted(set(parts["plain"]) | set(parts["enorm"]),
+                 key=lambda k: -max(parts[v].get(k, {"ms": 0.0})["ms"] for v in parts))
+  ms = {v: {k: parts[v].get(k, {"ms": 0.0})["ms"] for k in kinds} for v in parts}
+  return dict(model=name, plain_thread_ms=totals["plain"], enorm_thread_ms=totals["enorm"],
+              enorm_only_ms=sum(ms["enorm"][k] for k in kinds if k not in parts["plain"]),
+              parts=ms,
+              top=", ".join(f"{k} {ms['plain'][k]:.0f}/{ms['enorm'][k]:.0f}"
+                            for k in kinds[:4]))
+
+
 def main():
-  args = _common.parser(__doc__).parse_args()
+  parser = _common.parser(__doc__)
+  parser.add_argument("--steps", action="store_true",
+                      help="profile the plain and the ENorm training step instead of a cycle")
+  args = parser.parse_args()
+  if args.steps:
+    from benchmarks.step import CONFIGS
+    configs = CONFIGS[:2] if args.quick else CONFIGS
+    records = [step_record(name, make, shape, 3 if args.quick else 5)
+               for name, make, shape, _ in configs]
+    _common.emit(records, ["model", "plain_thread_ms", "enorm_thread_ms", "enorm_only_ms",
+                           "top"], args.json)
+    return
   calls = 5 if args.quick else 20
   records = []
   for name, model, shape in _common.paper_models(args.quick):

@@ -148,3 +148,16 @@ def test_interleaved_timing_rotates_which_step_comes_first():
   assert set(ms) == {"a", "b", "c"}
   rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
   assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]
+
+
+def test_step_breakdown_profiles_both_steps_and_finds_enorm_only_operations():
+  from benchmarks import breakdown
+  from experiments.models import FullyConnected
+  record = breakdown.step_record(
+      "tiny", lambda **kw: FullyConnected(depth=2, width=8, **kw), (4, 3072), calls=1)
+  assert record["plain_thread_ms"] > 0 and record["enorm_thread_ms"] > 0
+  plain, enorm = record["parts"]["plain"], record["parts"]["enorm"]
+  assert set(plain) == set(enorm)
+  assert sum(plain.values()) == pytest.approx(record["plain_thread_ms"])
+  only = [k for k in enorm if plain[k] == 0 and enorm[k] > 0]
+  assert only and record["enorm_only_ms"] == pytest.approx(sum(enorm[k] for k in only))
