@@ -102,33 +102,24 @@ def _trace(step, state, calls: int) -> list[dict]:
       return json.load(f)["traceEvents"]
 
 
-def profile(fn, params, calls: int) -> dict[str, dict[str, float]]:
-  """Per-kind thread ms of jitted, donated ``fn`` on a copy of ``params``."""
-  state = jax.tree.map(jnp.copy, params)
-  compiled = jax.jit(fn, donate_argnums=0).lower(state).compile()  # compiled once
+def _profile_jitted(jitted, state, calls: int) -> dict[str, dict[str, float]]:
+  """Per-kind thread ms of ``state = jitted(state)``, compiled once."""
+  compiled = jitted.lower(state).compile()
   return thread_ms_by_kind(_trace(compiled, state, calls), output_sizes(compiled.as_text()),
                            calls)
 
 
+def profile(fn, params, calls: int) -> dict[str, dict[str, float]]:
+  """Per-kind thread ms of jitted, donated ``fn`` on a copy of ``params``."""
+  return _profile_jitted(jax.jit(fn, donate_argnums=0), jax.tree.map(jnp.copy, params), calls)
+
+
 def step_record(name: str, make, shape, calls: int) -> dict:
   """Per-kind thread ms of the plain and the ENorm training step of one model."""
-  import optax
-
   from benchmarks import step as step_bench
-  x = jax.random.normal(jax.random.key(0), shape)
-  y = jnp.zeros((shape[0],), jnp.int32)
-  model = make(norm="none")
-  params = model.init(jax.random.key(1), x[:1])["params"]
-  parts = {}
-  for variant in ("plain", "enorm"):
-    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.01, momentum=0.9))
-    if variant == "enorm":
-      tx = enorm_jax.enorm(tx, model.rescaling_graph(params))
-    step = step_bench.make_step(model, x, y, tx, False)
-    state = (jax.tree.map(jnp.copy, params), {}, tx.init(params))
-    compiled = step.lower(state).compile()
-    parts[variant] = thread_ms_by_kind(_trace(compiled, state, calls),
-                                       output_sizes(compiled.as_text()), calls)
+  x, y = step_bench.inputs(shape)
+  parts = {variant: _profile_jitted(*step_bench.variant_step(make, x, y, variant), calls)
+           for variant in ("plain", "enorm")}
   totals = {v: sum(part["ms"] for part in parts[v].values()) for v in parts}
   kinds = sorted(set(parts["plain"]) | set(parts["enorm"]),
                  key=lambda k: -max(parts[v].get(k, {"ms": 0.0})["ms"] for v in parts))

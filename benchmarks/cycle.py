@@ -67,6 +67,7 @@ import jax.numpy as jnp
 
 import enorm_jax
 from benchmarks import _common
+from enorm_jax._paths import leaves_by_path, map_with_path_str
 from experiments.models import ResNet50
 
 
@@ -168,12 +169,10 @@ def read_twice_then_write(params, graph, per_unit: bool = False):
   """
   producers, consumers = _paths(graph, "producers"), _paths(graph, "consumers")
   twice = producers & consumers
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = ["/".join(jax.tree_util.keystr((k,), simple=True) for k in kp) for kp, _ in flat]
-  leaves = [w for _, w in flat]
-  first = sum(_fast_read(w) for w in leaves)
+  leaves = leaves_by_path(params)
+  first = sum(_fast_read(w) for w in leaves.values())
   second = 0.0
-  for path, w in zip(paths, leaves):
+  for path, w in leaves.items():
     if path in twice and _is_matrix(w):
       w = w.reshape(w.shape[-2:])
       weights = 1.0 + _NUDGE * first * jnp.arange(w.shape[0], dtype=w.dtype)
@@ -192,7 +191,7 @@ def read_twice_then_write(params, graph, per_unit: bool = False):
       w = w * unit_factors(w.shape[-2], w.dtype)[:, None]
     return w
 
-  return jax.tree_util.tree_unflatten(treedef, [write(*pw) for pw in zip(paths, leaves)])
+  return map_with_path_str(write, params)
 
 
 def _read_only(fn, params):

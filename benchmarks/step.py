@@ -111,6 +111,26 @@ def make_step(model, x, y, tx, has_stats):
   return jax.jit(step, donate_argnums=0)
 
 
+def inputs(shape):
+  """A random input batch of ``shape`` and its (all-zero) labels."""
+  return jax.random.normal(jax.random.key(0), shape), jnp.zeros((shape[0],), jnp.int32)
+
+
+def variant_step(make, x, y, variant: str):
+  """``(jitted step, initial state)`` of one of `VARIANTS` for model factory ``make``."""
+  norm = {"bn": "batch", "gn": "group"}.get(variant, "none")
+  model = make(norm=norm)
+  variables = model.init(jax.random.key(1), x[:1])
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.01, momentum=0.9))
+  if variant.startswith("enorm"):
+    schedule = "parallel" if variant == "enorm_parallel" else "sequential"
+    tx = enorm_jax.enorm(tx, model.rescaling_graph(params), schedule=schedule)
+  elif variant.startswith("bound"):
+    tx = row_rescale(tx, rescale_state=variant == "bound")
+  return make_step(model, x, y, tx, bool(stats)), (params, stats, tx.init(params))
+
+
 def main():
   parser = _common.parser(__doc__)
   parser.add_argument("--models", default="", help="comma-separated subset, e.g. ResNet-18C")
@@ -122,23 +142,9 @@ def main():
     configs = [c for c in CONFIGS if c[0] in args.models.split(",")]
   records = []
   for name, make, shape, batch in configs:
-    x = jax.random.normal(jax.random.key(0), shape)
-    y = jnp.zeros((batch,), jnp.int32)
+    x, y = inputs(shape)
     row = dict(model=name, batch_size=batch)
-    steps = {}
-    for variant in VARIANTS:
-      norm = {"bn": "batch", "gn": "group"}.get(variant, "none")
-      model = make(norm=norm)
-      variables = model.init(jax.random.key(1), x[:1])
-      params, stats = variables["params"], variables.get("batch_stats", {})
-      tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.01, momentum=0.9))
-      if variant.startswith("enorm"):
-        schedule = "parallel" if variant == "enorm_parallel" else "sequential"
-        tx = enorm_jax.enorm(tx, model.rescaling_graph(params), schedule=schedule)
-      elif variant.startswith("bound"):
-        tx = row_rescale(tx, rescale_state=variant == "bound")
-      steps[variant] = (make_step(model, x, y, tx, bool(stats)),
-                        (params, stats, tx.init(params)))
+    steps = {variant: variant_step(make, x, y, variant) for variant in VARIANTS}
     ms = _common.interleaved_ms(steps, reps)
     row.update({f"{variant}_ms": ms[variant] for variant in steps})
     for v in VARIANTS[1:]:
