@@ -161,3 +161,26 @@ def test_step_breakdown_profiles_both_steps_and_finds_enorm_only_operations():
   assert sum(plain.values()) == pytest.approx(record["plain_thread_ms"])
   only = [k for k in enorm if plain[k] == 0 and enorm[k] > 0]
   assert only and record["enorm_only_ms"] == pytest.approx(sum(enorm[k] for k in only))
+
+
+def test_write_variants_match_the_library_and_leave_it_unpatched():
+  import sys
+  from benchmarks import write
+  from experiments.models import CifarNV
+  module = sys.modules["enorm_jax.balance"]
+  divide, spread = module._divide, module._spread
+  model = CifarNV()
+  params = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 3)))["params"]
+  steps = write.steps(params, model.rescaling_graph(params))
+  assert module._divide is divide and module._spread is spread
+  run = lambda name: jax.tree.leaves(steps[name][0](steps[name][1]))
+  for got, want in zip(run("exact_no_block"), run("exact")):
+    np.testing.assert_array_equal(got, want)  # the block changes speed, not values
+  for got, want in zip(run("cycle_plain_division"), run("cycle")):
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  convs = [w for w in jax.tree.leaves(params) if write._has_taps(w)]
+  assert convs
+  for w in convs:  # the timed steps return their input; the sums come from TAP_SUMS
+    want = np.sum(np.asarray(w, np.float64) ** 2, axis=(0, 1))
+    for fn in write.TAP_SUMS.values():
+      np.testing.assert_allclose(np.reshape(fn(w), want.shape), want, rtol=1e-5)
