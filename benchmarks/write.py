@@ -10,11 +10,8 @@ get an output vector.
 Writes of the weights times per-unit factors:
 
 * ``exact``: ``enorm_jax.rescale``, the write `balance` does (a correctly
-  rounded division along the input axis, input factors broadcast to an
-  (in, out) block first, see `enorm_jax.balance._spread`);
-* ``exact_no_block``: the same `rescale` traced without that block (the
-  input factors broadcast inside the 4-D loop, as before session 8; same
-  values);
+  rounded division along the input axis, a multiplication along the output
+  axis);
 * ``two_vectors``: ``w * a[out] * b[in, None]``, not correctly rounded;
 * ``one_axis``: ``w * a[out]``;
 * ``factor_matrix``: ``w * (a / b[:, None])``, one precomputed (in, out)
@@ -25,9 +22,8 @@ Reads of the 3x3 (and larger) conv kernels to their per-tap sums of w^2:
 leading-axis reduction) and ``taps_matvec`` (a matrix-vector product on a
 materialized w^2).
 
-Whole cycles (parallel schedule): ``cycle``; ``cycle_no_block``, traced
-without the (in, out) block; and ``cycle_plain_division``, traced with XLA's
-own division in place of the correctly rounded one (what the correct rounding
+Whole cycles (parallel schedule): ``cycle``, and ``cycle_plain_division``,
+the same `balance` traced with XLA's own division in place of the correctly rounded one (what the correct rounding
 costs; XLA's division is biased for factors just below 1, so repeated calls
 drift).
 """
@@ -99,8 +95,6 @@ def steps(params, graph):
   out = {"floor": (jax.jit(lambda p: jax.tree.map(lambda w: w * 1.0001, p), donate_argnums=0),
                    copy()),
          "exact": (_compiled(write, params), copy())}
-  with _swapped("_spread", lambda m, r: m):
-    out["exact_no_block"] = (_compiled(write, params), copy())
   for name, fn in WRITES.items():
     by_leaf = lambda ls, fn=fn: [w * b if a is None else fn(w, a, b)
                                  for w, (a, b) in zip(ls, vectors)]
@@ -111,9 +105,7 @@ def steps(params, graph):
     out[name] = (lambda ls, read=read: (jax.block_until_ready(read(ls)), ls)[1], convs)
   cycle = lambda p: enorm_jax.balance(p, graph, schedule="parallel")[0]
   out["cycle"] = (_compiled(cycle, params), copy())
-  with _swapped("_spread", lambda m, r: m):
-    out["cycle_no_block"] = (_compiled(cycle, params), copy())
-  with _swapped("_divide", lambda x, t, spread=lambda m: m: x / spread(t)):
+  with _swapped("_divide", lambda x, t: x / t):
     out["cycle_plain_division"] = (_compiled(cycle, params), copy())
   return out
 

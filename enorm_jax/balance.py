@@ -126,28 +126,10 @@ def _inverse_parts(t: jax.Array) -> tuple[jax.Array, jax.Array]:
           jnp.where(movable, corr + (down - lower), corr))
 
 
-def _divide(x: jax.Array, t: jax.Array, spread=lambda m: m) -> jax.Array:
+def _divide(x: jax.Array, t: jax.Array) -> jax.Array:
   """``x / t``, correctly rounded (XLA contracts the sum into one fused multiply-add)."""
   down, corr = _inverse_parts(t)
-  return x * spread(down) + x * spread(corr)
-
-
-def _spread(m: jax.Array, r: ResolvedEntry) -> jax.Array:
-  """``m`` (from `_expand`) broadcast over the trailing axes from its first unit axis.
-
-  XLA:CPU writes a conv kernel scaled along its input-channel axis faster when
-  that factor is first broadcast to an (in, out) block and then over the taps
-  than when the vector is broadcast inside the 4-D loop in one go (the write
-  alone on ResNet-18C: 1.26-1.34 floors against 1.42-1.48, six runs). Values are
-  unchanged. Skipped for dense kernels and 1x1 convs, where the block is most
-  of the parameter.
-  """
-  first = min(r.axes)
-  block = r.view[first:]
-  if m.shape[first:] == block or 4 * math.prod(block) > math.prod(r.view):
-    return m
-  full = jnp.broadcast_to(m.reshape(m.shape[first:]), block)
-  return full.reshape(m.shape[:first] + block)
+  return x * down + x * corr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +168,9 @@ class _Plan:
       m = _expand(t[gi], r, self.groups[gi].size)
       x = x.reshape(r.view)
       if exponent == 1:
-        x = x * (_spread(m, r) if exact else m)
+        x = x * m
       elif exponent == -1:
-        x = _divide(x, m, lambda v: _spread(v, r)) if exact else x / m
+        x = _divide(x, m) if exact else x / m
       else:
         x = x * m ** exponent
     return x.reshape(shape)
