@@ -126,6 +126,7 @@ def _inverse_parts(t: jax.Array) -> tuple[jax.Array, jax.Array]:
           jnp.where(movable, corr + (down - lower), corr))
 
 
+@jax.jit  # so that eager calls get the fused multiply-add too (inlined under jit)
 def _divide(x: jax.Array, t: jax.Array) -> jax.Array:
   """``x / t``, correctly rounded (XLA contracts the sum into one fused multiply-add)."""
   down, corr = _inverse_parts(t)

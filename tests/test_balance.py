@@ -362,6 +362,21 @@ def test_division_by_scales_is_correctly_rounded():
   got = np.asarray(jax.jit(_divide)(x, t))
   np.testing.assert_array_equal(got[checked], expected[checked])
   assert np.isinf(expected).any() and np.array_equal(np.isnan(got), np.isnan(expected))
+  eager = np.asarray(_divide(x, t))  # no enclosing jit to fuse the multiply-add
+  np.testing.assert_array_equal(eager[checked], expected[checked])
+
+
+def test_eager_rescale_writes_the_same_bits_as_jitted_rescale():
+  rng = np.random.default_rng(7)
+  params = {"a": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)}
+  graph = enorm_jax.RescalingGraph((
+      enorm_jax.Group(4, (enorm_jax.Entry("a", 3),), (enorm_jax.Entry("b", 2),)),))
+  scales = [np.exp(rng.standard_normal(4)).astype(np.float32)]
+  eager = enorm_jax.rescale(params, scales, graph)
+  jitted = jax.jit(enorm_jax.rescale, static_argnums=2)(params, scales, graph)
+  np.testing.assert_array_equal(eager["b"], jitted["b"])
+  np.testing.assert_array_equal(eager["b"], np.asarray(params["b"]) / scales[0][:, None])
 
 
 def test_rescale_of_a_conv_kernel_divides_correctly_rounded_along_its_input_axis():
