@@ -12,11 +12,11 @@ Several processes may run the same sweep at once (e.g. one per core with
 `taskset`): each claims a cell with an exclusive lock on `<workdir>/.claim`, which the
 OS drops when the process ends, so a killed worker's cell is free for the next one.
 
-The FC learning-rate search is SHORTENED: each LR is trained for
-`SEARCH_EPOCHS` epochs (same schedule shape, compressed), and the best
-validation accuracy per (method, c, depth) picks the LR of the 60-epoch run.
-Depths 3 and 15 search the paper's whole grid; the other depths search
-`LATER_DEPTH_LRS`; GN searches its group counts by coordinate search.
+The FC learning-rate search is SHORTENED: each rate of `SEARCH_LRS` (Path-SGD:
+`PATH_SGD_LRS`) is trained for `SEARCH_EPOCHS` epochs (same schedule shape,
+compressed), and the best validation accuracy per (method, c, depth) picks the
+rate of the 60-epoch runs, which then run with every seed of the block. GN
+searches its group counts: the full grid at depth 3, then a coordinate search.
 """
 
 from __future__ import annotations
@@ -41,15 +41,19 @@ _WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "workdirs", "Parent of run w
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Results folder.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Stop after this many new cells (0: all).")
 
-SEARCH_EPOCHS = 10
+SEARCH_EPOCHS = 5
 # (method, c) pairs; ENorm with c = 1 and 1.2.
 FC_MAIN = [("baseline", 1.0), ("enorm", 1.0), ("enorm", 1.2), ("bn", 1.0)]
 FC_EXTRA = [("gn", 1.0), ("path_sgd", 1.0), ("enorm_impl", 1.0)]
-# The full LR grid at depths 3 and 15 for every method. There the best LR was >= 0.01
-# in every cell that trained at all, so depths 1, 5, 10 and 19 search the top three.
-LATER_DEPTH_LRS = (0.01, 0.05, 0.1)
-FC_BLOCKS = (((3, 15), FC_MAIN + FC_EXTRA, fc.LEARNING_RATES),
-             ((1, 5, 10, 19), FC_MAIN, LATER_DEPTH_LRS))
+# The top three rates of the paper's grid: in the full-grid search of the nets with
+# biases (cifar10_fc_search_bias.json) every best rate was >= 0.01, Path-SGD's at 0.01.
+SEARCH_LRS = (0.01, 0.05, 0.1)
+PATH_SGD_LRS = (0.005, 0.01, 0.05)
+# Blocks in priority order: (depths, (method, c) pairs, seeds of the 60-epoch runs).
+FC_BLOCKS = (((15, 3), FC_MAIN, fc.SEEDS),
+             ((10, 19), FC_MAIN, fc.SEEDS),
+             ((1, 5), FC_MAIN, (0,)),
+             ((3, 15), FC_EXTRA, (0,)))
 GN_FULL_GRID_DEPTH = 3
 CONV_METHODS = [("baseline", 1.0), ("bn", 1.0), ("gn", 1.0), ("enorm", 1.0), ("enorm", 1.2)]
 CONV_BATCH_SIZES = (8, 32, 128)
@@ -59,7 +63,7 @@ CONV_MOMENTUM_LR = 0.01
 CONV_GN_GROUPS = 32  # until the search below picks one
 CONV_GN_SEARCH = (32, 0.0)  # (batch size, momentum) of the GN group search
 KEY_FIELDS = ("method", "c", "depth", "batch_size", "momentum", "lr", "epochs", "seed",
-              "gn_groups", "width_multiplier")
+              "gn_groups", "width_multiplier", "use_bias")
 
 
 def commit_hash() -> str:
@@ -125,8 +129,10 @@ def _best(records):
   return max(done, key=lambda r: r["val_acc"]) if done else None
 
 
-def _search_cells(method, c, depth, lrs, search):
+def _search_cells(method, c, depth, search):
   """Search cells of one (method, c, depth); GN cells depend on earlier results."""
+  lrs = PATH_SGD_LRS if method == "path_sgd" else SEARCH_LRS
+
   def cell(lr, groups=None):
     return dict(method=method, c=c, depth=depth, lr=lr, epochs=SEARCH_EPOCHS,
                 gn_groups=groups)
@@ -151,28 +157,32 @@ def _search_cells(method, c, depth, lrs, search):
 def fc_cells(stage, results_dir):
   """Cells of `stage` ('search', 'final' or 'all'), in priority order.
 
-  Blocks run in order: depths 3 and 15 for every method, then depths 1, 5, 10 and
-  19 for the main methods. With `stage='all'` a block's 60-epoch runs follow its
-  search, so a partial sweep already has final numbers for the first block.
+  Blocks run in `FC_BLOCKS` order. Within a block, the search comes first, then
+  the 60-epoch runs of seed 0, then the other seeds; a triple's 60-epoch runs
+  wait until its search is complete, so a partial sweep already has final numbers
+  for the first block.
   """
   search = read_results(os.path.join(results_dir, "cifar10_fc_search.json"))
-  done = {cell_key(dict(r, batch_size=None, momentum=None, seed=None)) for r in search}
+  done = {_search_key(r) for r in search}
   cells = []
-  for depths, pairs, lrs in FC_BLOCKS:
+  for depths, pairs, seeds in FC_BLOCKS:
     triples = [(m, c, d) for d in depths for m, c in pairs]
-    block_search = {t: _search_cells(*t, lrs, search) for t in triples}
+    block_search = {t: _search_cells(*t, search) for t in triples}
     if stage in ("search", "all"):
       cells += [x for t in triples for x in block_search[t]]
     if stage in ("final", "all"):
-      for t in triples:
-        todo = [x for x in block_search[t]
-                if cell_key(dict(x, batch_size=None, momentum=None, seed=None)) not in done]
-        best = _best([r for r in search if _key3(r) == t])
-        if todo or best is None:
-          continue  # its search is not finished yet
-        cells.append(dict(method=t[0], c=t[1], depth=t[2], lr=best["lr"], epochs=60,
-                          gn_groups=best.get("gn_groups"), stage="final"))
+      for seed in seeds:
+        for t in triples:
+          best = _best([r for r in search if _key3(r) == t])
+          if best is None or any(_search_key(x) not in done for x in block_search[t]):
+            continue  # its search is not finished yet
+          cells.append(dict(method=t[0], c=t[1], depth=t[2], lr=best["lr"], epochs=60,
+                            gn_groups=best.get("gn_groups"), seed=seed, stage="final"))
   return cells
+
+
+def _search_key(record):
+  return cell_key(dict(record, batch_size=None, momentum=None, seed=None, use_bias=None))
 
 
 def conv_cells(results_dir):
@@ -250,7 +260,7 @@ def make_record(sweep, cell):
   return dict(method=cell["method"], c=cell["c"], depth=cell.get("depth"),
               batch_size=config.batch_size, momentum=config.momentum, lr=cell["lr"],
               epochs=cell["epochs"], seed=cell["seed"], gn_groups=cell.get("gn_groups"),
-              width_multiplier=cell.get("width_multiplier"))
+              width_multiplier=cell.get("width_multiplier"), use_bias=config.use_bias)
 
 
 def cell_workdir(sweep, cell, results):

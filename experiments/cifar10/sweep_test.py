@@ -21,10 +21,10 @@ def test_fc_search_cells_and_gn_coordinate_search(tmp_path):
   flags.FLAGS(["sweep_test"])
   cells = sweep.fc_cells("search", str(tmp_path))
   gn15 = [c for c in cells if c["method"] == "gn" and c["depth"] == 15]
-  assert len(gn15) == len(fc.LEARNING_RATES)  # provisional: depth 3 not searched yet
-  assert {c["depth"] for c in cells[:10]} == {3}  # depths 3 and 15 come first
-  later = {c["lr"] for c in cells if c["depth"] in (1, 5, 10, 19)}
-  assert later == set(sweep.LATER_DEPTH_LRS)
+  assert len(gn15) == len(sweep.SEARCH_LRS)  # provisional: depth 3 not searched yet
+  assert {c["depth"] for c in cells[:12]} == {15}  # the main methods at depth 15 come first
+  assert {c["lr"] for c in cells if c["method"] == "path_sgd"} == set(sweep.PATH_SGD_LRS)
+  assert {c["lr"] for c in cells if c["method"] == "enorm"} == set(sweep.SEARCH_LRS)
   # Depth-3 GN picks 20 groups; depth 15 then searches rates at 20 groups ...
   gn3 = [_record(c, 0.5 if c["gn_groups"] == 20 and c["lr"] == 0.05 else 0.3)
          for c in cells if c["method"] == "gn" and c["depth"] == 3]
@@ -48,9 +48,11 @@ def test_final_cells_wait_for_a_complete_search(tmp_path):
   _write(tmp_path, [_record(c, c["lr"]) for c in search[:-1]])
   assert not sweep.fc_cells("final", str(tmp_path))
   _write(tmp_path, [_record(c, 0.1 if c["lr"] == 0.01 else 0.05) for c in search])
-  (final,) = sweep.fc_cells("final", str(tmp_path))
-  assert (final["method"], final["c"], final["depth"], final["lr"], final["epochs"]) == (
-      "enorm", 1.2, 3, 0.01, 60)
+  finals = sweep.fc_cells("final", str(tmp_path))
+  assert [f["seed"] for f in finals] == list(fc.SEEDS)  # a main block: every seed
+  for final in finals:
+    assert (final["method"], final["c"], final["depth"], final["lr"], final["epochs"]) == (
+        "enorm", 1.2, 3, 0.01, 60)
   todo = sweep.pending_cells("fc", str(tmp_path))
   assert todo[0][1].endswith("cifar10_fc_search.json")
   assert any(path.endswith("cifar10_fc.json") for _, path in todo)
@@ -89,7 +91,7 @@ def test_conv_gn_group_search_then_reruns_with_the_chosen_count(tmp_path):
   late = [c for c in cells if c["lr"] == sweep.CONV_MOMENTUM_LR]
   assert {c["gn_groups"] for c in late if c["method"] == "gn"} == {sweep.CONV_GN_GROUPS}
   # 8 groups win the search: GN's other settings run again with 8 groups.
-  records = [dict(c, depth=None, seed=0, val_acc=0.7 if c["gn_groups"] == 8 else 0.6)
+  records = [dict(c, depth=None, seed=0, use_bias=True, val_acc=0.7 if c["gn_groups"] == 8 else 0.6)
              for c in search]
   (tmp_path / "cifar10_conv.json").write_text(json.dumps(records))
   cells = sweep.conv_cells(str(tmp_path))

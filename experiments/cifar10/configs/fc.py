@@ -3,6 +3,7 @@
 from experiments.cifar10.configs import default
 
 LEARNING_RATES = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1)
+SEEDS = (0, 1, 2)
 DEPTHS = (1, 3, 5, 10, 15, 19)
 GN_GROUPS = (5, 10, 20, 50)
 
@@ -16,4 +17,7 @@ def get_config():
   config.weight_decay = 1e-3
   config.lr_schedule = "linear"
   config.end_learning_rate = 0.0
+  # No biases for any method, as in the official code: with biases, ENorm-1.2 diverges
+  # from depth 11 on (experiments/results/README.md, "Biases in deep ENorm nets").
+  config.use_bias = False
   return config
