@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+import warnings
+from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -37,11 +38,16 @@ DEFAULT_STATE_ROLES: Mapping[str, int] = {
 }
 
 
+BIAS_STEPS = ("balanced", "unbalanced")
+
+
 class EnormState(NamedTuple):
-  """State of `enorm`: a step counter and the inner optimizer's state."""
+  """State of `enorm`: a step counter, the inner optimizer's state, and with
+  ``bias_steps='unbalanced'`` each bias's accumulated factor (path -> array)."""
 
   count: jax.Array  # int32, number of updates so far
   inner_state: optax.OptState
+  bias_scales: Mapping[str, jax.Array] = {}
 
 
 def _params_key_paths(params: Any) -> set[tuple[str, ...]]:
@@ -72,14 +78,17 @@ def _state_role(key_path: tuple[Any, ...], params_paths, roles: Mapping[str, int
 
 def rescale_optimizer_state(inner: optax.GradientTransformation, inner_state: Any,
                             params: Any, scales: Scales, graph: RescalingGraph,
-                            state_roles: Mapping[str, int] = DEFAULT_STATE_ROLES) -> Any:
+                            state_roles: Mapping[str, int] = DEFAULT_STATE_ROLES, *,
+                            unscaled_paths: Collection[str] = ()) -> Any:
   """Rescales every params-shaped buffer of ``inner_state`` after a rescaling.
 
   Buffers are found with `optax.tree_utils.tree_map_params` and classified by
   their field name in ``state_roles`` (first moments divided by s, second
   moments by s**2, parameter copies multiplied by s). A params-shaped field
   that is not in ``state_roles`` raises `ValueError`: it is never left
-  unscaled.
+  unscaled. Buffers of the parameters in ``unscaled_paths`` are left as they
+  are (`enorm` keeps the biases' state in the unbalanced coordinates with
+  ``bias_steps='unbalanced'``).
   """
   try:
     is_param = optax.tree_utils.tree_map_params(
@@ -103,7 +112,7 @@ def rescale_optimizer_state(inner: optax.GradientTransformation, inner_state: An
       new_leaves.append(leaf)
       continue
     param_path, power = _state_role(key_path, params_paths, state_roles)
-    if param_path in plan.by_leaf:
+    if param_path in plan.by_leaf and param_path not in unscaled_paths:
       leaf = plan.scale(param_path, leaf.astype(jnp.float32), scales, power).astype(leaf.dtype)
     new_leaves.append(leaf)
   return jax.tree_util.tree_unflatten(treedef, new_leaves)
@@ -111,7 +120,7 @@ def rescale_optimizer_state(inner: optax.GradientTransformation, inner_state: An
 
 def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: float = 2.0,
           c: float = 1.0, cycles: int = 1, every_k: int = 1, include_biases: bool = False,
-          schedule: str = "sequential",
+          schedule: str = "sequential", bias_steps: str | None = None,
           state_roles: Mapping[str, int] | None = None
           ) -> optax.GradientTransformationExtraArgs:
   """Equi-normalization after every ``every_k`` steps of ``inner`` (Algorithm 2).
@@ -126,6 +135,18 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
   Use it as the outermost transformation (the one whose updates are applied to
   the params); put weight decay, clipping and schedules inside ``inner``.
 
+  Biases and ``c != 1``: at the balance point of ``c > 1`` the middle layers of
+  a deep net carry tiny activations, and so tiny biases (a bias is rescaled
+  with its unit). An optimizer step of a given size is then huge relative to
+  those biases: at depth 15, ``c = 1.2``, biases overtake the input-driven
+  signal within 40 SGD steps, units die and the loss overflows. With
+  ``bias_steps='unbalanced'`` the inner optimizer steps the biases in the
+  coordinates of the network as it would be without any balancing: ``enorm``
+  keeps each bias's accumulated factor ``S``, gives ``inner`` the gradient
+  ``g * S``, the bias ``b / S`` and bias state that is never rescaled, and
+  applies ``S`` times its update. Every parameter is still rescaled with its
+  unit, so the function is kept exactly; only the biases' steps change.
+
   Args:
     inner: the optimizer to wrap, e.g. ``optax.chain(optax.add_decayed_weights(1e-3),
       optax.sgd(lr, momentum=0.9))``.
@@ -136,6 +157,10 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     every_k: balance after every ``every_k``-th update (>= 1).
     include_biases: whether biases count in the incoming norm.
     schedule: ``'sequential'`` or ``'parallel'``, as in `balance`.
+    bias_steps: ``'balanced'`` (Algorithm 2: every parameter is stepped where it
+      is) or ``'unbalanced'`` (biases stepped in the unbalanced coordinates,
+      above). ``None`` means ``'balanced'``, with a warning when ``c != 1`` and
+      the graph has biases.
     state_roles: field name -> power (``FIRST_MOMENT``, ``SECOND_MOMENT``,
       ``PARAM_COPY``) for params-shaped state fields, merged over
       `DEFAULT_STATE_ROLES`.
@@ -164,38 +189,74 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     raise ValueError(f"every_k must be an int >= 1, got every_k={every_k!r}.")
   if not isinstance(graph, RescalingGraph):
     raise TypeError(f"graph must be a RescalingGraph, got {type(graph).__name__}.")
+  bias_paths = tuple(sorted({e.path for g in graph for e in g.biases}))
+  if bias_steps is None:
+    if c != 1 and bias_paths:
+      warnings.warn(
+          f"enorm(c={c}) on a graph with biases ({bias_paths[0]!r}, ...): deep nets can "
+          "diverge, because biases of tiny-activation layers take huge relative steps. "
+          "Pass bias_steps='unbalanced' to step the biases in unbalanced coordinates, or "
+          "bias_steps='balanced' to keep Algorithm 2 and silence this warning.",
+          stacklevel=2)
+    bias_steps = "balanced"
+  if bias_steps not in BIAS_STEPS:
+    raise ValueError(f"bias_steps must be one of {BIAS_STEPS}, got {bias_steps!r}.")
+  if bias_steps == "balanced":
+    bias_paths = ()
   roles = dict(DEFAULT_STATE_ROLES)
   roles.update(state_roles or {})
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    return EnormState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+    leaves = _paths.leaves_by_path(params)
+    missing = [path for path in bias_paths if path not in leaves]
+    if missing:
+      raise ValueError(f"enorm: bias paths {missing} of the graph are not in the params "
+                       "pytree.")
+    return EnormState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params),
+                      bias_scales={path: jnp.ones(jnp.shape(leaves[path]), jnp.float32)
+                                   for path in bias_paths})
+
+  def with_bias_scales(tree, bias_scales, power):
+    """``tree`` with every bias leaf multiplied by its accumulated factor**power."""
+    def scaled(path, x):
+      if path not in bias_scales or x is None:
+        return x
+      return (x * bias_scales[path] ** power).astype(x.dtype)
+    return _paths.map_with_path_str(scaled, tree)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("enorm needs the current params: call "
                        "tx.update(grads, state, params).")
-    inner_updates, inner_state = inner.update(updates, state.inner_state, params,
-                                              **extra_args)
-    stepped = optax.apply_updates(params, inner_updates)
+    bias_scales = state.bias_scales
+    inner_updates, inner_state = inner.update(
+        with_bias_scales(updates, bias_scales, 1), state.inner_state,
+        with_bias_scales(params, bias_scales, -1), **extra_args)
+    stepped = optax.apply_updates(params, with_bias_scales(inner_updates, bias_scales, 1))
     count = optax.safe_increment(state.count)
 
     def balanced(operand):
-      stepped, inner_state = operand
+      stepped, inner_state, bias_scales = operand
       new_params, scales = balance(stepped, graph, p=p, c=c, cycles=cycles,
                                    include_biases=include_biases, schedule=schedule)
       inner_state = rescale_optimizer_state(inner, inner_state, stepped, scales, graph,
-                                            roles)
-      return new_params, inner_state
+                                            roles, unscaled_paths=bias_paths)
+      if bias_scales:
+        plan = _Plan.build(graph, _paths.leaves_by_path(stepped))
+        bias_scales = {path: plan.scale(path, s, scales) for path, s in bias_scales.items()}
+      return new_params, inner_state, bias_scales
 
+    operand = (stepped, inner_state, bias_scales)
     if every_k == 1:
-      new_params, inner_state = balanced((stepped, inner_state))
+      new_params, inner_state, bias_scales = balanced(operand)
     else:
-      new_params, inner_state = lax.cond(count % every_k == 0, balanced, lambda x: x,
-                                         (stepped, inner_state))
+      new_params, inner_state, bias_scales = lax.cond(count % every_k == 0, balanced,
+                                                      lambda x: x, operand)
     new_updates = jax.tree.map(lambda new, old: (new - old).astype(old.dtype)
                                if hasattr(old, "dtype") else new,
                                new_params, params)
-    return new_updates, EnormState(count=count, inner_state=inner_state)
+    return new_updates, EnormState(count=count, inner_state=inner_state,
+                                   bias_scales=bias_scales)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -83,7 +83,8 @@ def create_setup(config: ml_collections.ConfigDict, model, example_input: jax.Ar
     tx = optax.chain(decay, optax.sgd(schedule, momentum=config.momentum or None))
     if config.method == "enorm":
       tx = enorm_jax.enorm(tx, graph, c=config.c, cycles=config.enorm_cycles,
-                           every_k=config.enorm_every_k)
+                           every_k=config.enorm_every_k,
+                           bias_steps=config.get("enorm_bias_steps", "balanced"))
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              batch_stats=variables.get("batch_stats", {}),
                              opt_state=tx.init(params))

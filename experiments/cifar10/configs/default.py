@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.c = 1.0                               # ENorm asymmetric scaling
   config.enorm_cycles = 1
   config.enorm_every_k = 1
+  config.enorm_bias_steps = "balanced"         # or "unbalanced" (see enorm_jax.enorm)
   config.gn_groups = 10
   config.impl_lambda = 1e-3                    # ENorm-Impl regularizer weight
   # Optimization.

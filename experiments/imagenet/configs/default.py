@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.c = 1.0
   config.enorm_cycles = 1
   config.enorm_every_k = 1
+  config.enorm_bias_steps = "balanced"         # or "unbalanced" (see enorm_jax.enorm)
   config.gn_groups = 32
   config.final_bn = True            # BatchNorm after the classifier (Baseline, ENorm)
   config.use_bias = True
