@@ -3,8 +3,9 @@ r"""Markdown tables and Figure-4-style plots from the CIFAR-10 result files.
     python -m experiments.cifar10.report --results_dir=experiments/results
 
 Reads ``cifar10_fc.json`` (60-epoch runs), ``cifar10_fc_search.json`` (the
-shortened learning-rate search) and ``cifar10_conv.json`` when present, and
-writes ``<name>.md`` and ``<name>.png`` next to each.
+shortened learning-rate search), the same two with biases (``*_bias.json``) and
+``cifar10_conv.json`` when present, and writes ``<name>.md`` and ``<name>.png``
+next to each.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import collections
 import json
 import os
 
+import numpy as np
 from absl import app, flags
 
 
@@ -53,19 +55,56 @@ def _fmt(r):
   return text + f" (lr {r['lr']:g}{groups})"
 
 
+def seed_summaries(records, key_fn):
+  """Per key, the (lr, GN groups) setting with the best mean validation accuracy over
+  its seeds: a record with ``val_acc`` (the mean), ``std``, ``seeds`` (finished runs)
+  and ``diverged`` (runs that diverged); a key whose every run diverged keeps
+  ``val_acc=None``."""
+  runs = collections.defaultdict(list)
+  for r in records:
+    runs[(key_fn(r), r["lr"], r.get("gn_groups"))].append(r)
+  shown = {}
+  for (key, _, _), rs in runs.items():
+    accs = [r["val_acc"] for r in rs if r.get("val_acc") is not None]
+    summary = dict(rs[0], val_acc=float(np.mean(accs)) if accs else None,
+                   std=float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
+                   seeds=len(accs), diverged=len(rs) - len(accs))
+    old = shown.get(key)
+    if old is None or (summary["val_acc"] is not None and
+                       (old["val_acc"] is None or summary["val_acc"] > old["val_acc"])):
+      shown[key] = summary
+  return shown
+
+
+def _fmt_seeds(r):
+  if r is None:
+    return "–"
+  if r["val_acc"] is None:
+    return f"diverged (lr {r['lr']:g})"
+  text = f"{100 * r['val_acc']:.2f}"
+  if r["std"] is not None:
+    text += f" ± {100 * r['std']:.2f}"
+  groups = f", {r['gn_groups']} groups" if r.get("gn_groups") else ""
+  seeds = f", {r['seeds']} seeds" if r["seeds"] > 1 else ""
+  diverged = f", {r['diverged']} diverged" if r["diverged"] else ""
+  return text + f" (lr {r['lr']:g}{groups}{seeds}{diverged})"
+
+
 def fc_table(records, title) -> tuple[str, dict]:
-  best, shown = shown_by(records, lambda r: (method_label(r), r["depth"]))
+  shown = seed_summaries(records, lambda r: (method_label(r), r["depth"]))
+  best = {k: v for k, v in shown.items() if v["val_acc"] is not None}
   depths = sorted({d for _, d in shown})
   methods = sorted({m for m, _ in shown}, key=lambda m: list(LABEL_ORDER).index(m)
                    if m in LABEL_ORDER else 99)
   epochs = sorted({r["epochs"] for r in records})
   lines = [f"### {title}", "",
-           f"Validation accuracy % (test % when the source has a test split) at the best "
-           f"learning rate per cell; epochs: {epochs}; runs: {len(records)}.", "",
-           "| method | " + " | ".join(f"depth {d}" for d in depths) + " |",
+           f"Validation accuracy % at the best learning rate per cell: mean ± standard "
+           f"deviation over seeds where several ran; epochs: {epochs}; runs: {len(records)}.",
+           "", "| method | " + " | ".join(f"depth {d}" for d in depths) + " |",
            "|---" * (len(depths) + 1) + "|"]
   for m in methods:
-    lines.append(f"| {m} | " + " | ".join(_fmt(shown.get((m, d))) for d in depths) + " |")
+    lines.append(f"| {m} | " + " | ".join(_fmt_seeds(shown.get((m, d))) for d in depths)
+                 + " |")
   return "\n".join(lines) + "\n", best
 
 
@@ -78,11 +117,11 @@ def fc_figure(best, path, title):
   import matplotlib.pyplot as plt
   series = collections.defaultdict(list)
   for (m, d), r in sorted(best.items(), key=lambda kv: kv[0][1]):
-    series[m].append((d, 100 * r["val_acc"]))
+    series[m].append((d, 100 * r["val_acc"], 100 * (r.get("std") or 0.0)))
   fig, ax = plt.subplots(figsize=(6, 4))
   for m in sorted(series, key=lambda m: LABEL_ORDER.index(m) if m in LABEL_ORDER else 99):
-    xs, ys = zip(*series[m])
-    ax.plot(xs, ys, marker="o", label=m)
+    xs, ys, errs = zip(*series[m])
+    ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=m)
   ax.set(xlabel="number of intermediary layers", ylabel="validation accuracy (%)", title=title)
   ax.legend()
   fig.tight_layout()
@@ -138,8 +177,11 @@ def _write(path, table):
 
 def render(d: str) -> None:
   """Writes the tables and figures of every result file in directory ``d``."""
-  for name, title in (("cifar10_fc", "FC, 60 epochs (paper protocol)"),
-                      ("cifar10_fc_search", "FC, 10-epoch learning-rate search (shortened)")):
+  for name, title in (
+      ("cifar10_fc", "FC without biases, 60 epochs (paper protocol)"),
+      ("cifar10_fc_search", "FC without biases, 5-epoch learning-rate search (shortened)"),
+      ("cifar10_fc_bias", "FC with biases, 60 epochs (paper protocol, one seed)"),
+      ("cifar10_fc_search_bias", "FC with biases, 10-epoch learning-rate search")):
     path = os.path.join(d, f"{name}.json")
     if not os.path.exists(path):
       continue

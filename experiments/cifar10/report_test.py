@@ -16,6 +16,11 @@ def test_fc_table_picks_the_best_learning_rate_per_cell(tmp_path):
   table, best = report.fc_table(records, "t")
   assert best[("ENorm-1", 3)]["lr"] == 0.1
   assert "| ENorm-1 | 60.00 (lr 0.1) | – |" in table
+  # Several seeds: mean ± sample standard deviation, and diverged seeds counted.
+  seeds = [dict(_record("bn", 1.0, acc, depth=3), seed=i)
+           for i, acc in enumerate((0.5, 0.6, None))]
+  seeds_table, _ = report.fc_table(seeds, "t")
+  assert "| BN | 55.00 ± 7.07 (lr 0.05, 2 seeds, 1 diverged) |" in seeds_table
   # A cell whose only run diverged says so; the diverged run is never "best".
   assert "| Baseline | diverged (lr 0.05) | 40.00 (lr 0.05) |" in table
   assert ("Baseline", 3) not in best
