@@ -1,4 +1,4 @@
-"""Scores the newest checkpoint of a workdir on one split of any data directory."""
+"""Scores the newest checkpoint of a workdir on any split of any data directory."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ from experiments.cifar10 import input_pipeline, train
 from experiments.common import methods, trainer
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        split: str) -> dict[str, float]:
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str,
+                        data_dir: str | None = None) -> dict[str, float]:
+  """Scores ``split`` of ``data_dir`` (default: the training data, ``config.data_dir``).
+
+  Images are normalized with the statistics of the data the checkpoint was trained
+  on (stored in the workdir), never with those of the data being scored.
+  """
   train.validate_config(config)
   mesh = trainer.make_mesh(config.num_devices)
-  ds = input_pipeline.load(config)
-  if split not in ds.splits:
-    raise ValueError(f"split={split!r} is not available from this source; "
-                     f"available: {sorted(ds.splits)}.")
+  data_dir = config.data_dir if data_dir is None else data_dir
+  ds = input_pipeline.load_for_evaluation(config, workdir, data_dir, split)
   setup = train.create_setup(config, total_steps=1)
   state = trainer.Checkpoints(workdir).restore_latest(setup.state)
   if state is None:

@@ -9,6 +9,8 @@ same data as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Iterator
 
 import ml_collections
@@ -21,11 +23,13 @@ CROP = 28
 
 @dataclasses.dataclass
 class Dataset:
-  """In-memory splits (uint8 images, int32 labels) and the train-split channel stats."""
+  """In-memory splits (uint8 images, int32 labels), the train-split channel stats and
+  the class names (``None`` for tfds, whose order is CIFAR-10's)."""
 
   splits: dict[str, tuple[np.ndarray, np.ndarray]]
   mean: np.ndarray
   std: np.ndarray
+  classes: list[str] | None = None
 
   def size(self, split: str) -> int:
     return len(self.splits[split][1])
@@ -33,8 +37,8 @@ class Dataset:
 
 def _read_source(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   if config.data_dir:
-    images, labels, _ = common.read_image_folder(config.data_dir, "train")
-    return {"train_images": images, "train_labels": labels}
+    images, labels, classes = common.read_image_folder(config.data_dir, "train")
+    return {"train_images": images, "train_labels": labels, "classes": np.asarray(classes)}
   import tensorflow_datasets as tfds
   arrays = {}
   for split in ("train", "test"):
@@ -67,8 +71,56 @@ def load(config: ml_collections.ConfigDict) -> Dataset:
     x, y = splits["train"]
     splits["train"] = (x[:config.train_subset], y[:config.train_subset])
   pixels = splits["train"][0].reshape(-1, 3).astype(np.float64) / 255.0  # f32 sums saturate
+  classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
   return Dataset(splits, pixels.mean(axis=0).astype(np.float32),
-                 pixels.std(axis=0).astype(np.float32))
+                 pixels.std(axis=0).astype(np.float32), classes)
+
+
+STATS_FILE = "data_stats.json"
+
+
+def save_stats(ds: Dataset, workdir: str) -> None:
+  """Stores the training data's normalization statistics and classes in ``workdir``."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, STATS_FILE), "w") as f:
+    json.dump({"mean": ds.mean.tolist(), "std": ds.std.tolist(), "classes": ds.classes}, f)
+
+
+def load_for_evaluation(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
+                        split: str) -> Dataset:
+  """``split`` of ``data_dir`` (any ImageFolder, or '' for tfds), normalized with the
+  statistics of the data the checkpoint in ``workdir`` was trained on.
+
+  The training data's 'train' and 'validation' are the 40k/10k split of
+  training; any other split, or any split of another folder, is read whole.
+  """
+  stats_path = os.path.join(workdir, STATS_FILE)
+  if os.path.exists(stats_path):
+    with open(stats_path) as f:
+      stats = json.load(f)
+    mean, std, classes = (np.float32(stats["mean"]), np.float32(stats["std"]),
+                          stats["classes"])
+  else:  # written by every training run; older workdirs: recompute from the config
+    trained_on = load(config)
+    mean, std, classes = trained_on.mean, trained_on.std, trained_on.classes
+  if data_dir == config.data_dir and split in ("train", "validation"):
+    return dataclasses.replace(load(config), mean=mean, std=std)
+  if not data_dir:
+    import tensorflow_datasets as tfds
+    images, labels = tfds.as_numpy(tfds.load(
+        "cifar10", split=split, batch_size=-1, as_supervised=True,
+        data_dir=config.get("tfds_data_dir") or None))
+    return Dataset({split: (images, labels.astype(np.int32))}, mean, std, classes)
+  available = sorted(d for d in os.listdir(data_dir)
+                     if os.path.isdir(os.path.join(data_dir, d))) if os.path.isdir(data_dir) else []
+  if split not in available:
+    raise ValueError(f"split={split!r} is not available from {data_dir!r}; "
+                     f"available: {available}.")
+  images, labels, found = common.read_image_folder(data_dir, split)
+  if classes is not None and list(found) != list(classes):
+    raise ValueError(f"The classes of {data_dir}/{split} ({found}) are not those the "
+                     f"checkpoint was trained on ({classes}).")
+  return Dataset({split: (images, labels)}, mean, std, classes)
 
 
 def _normalize(images: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -3,10 +3,12 @@ r"""CIFAR-10 entry point (train or evaluate), configured with ml_collections.
 Train:
     python -m experiments.cifar10.main --workdir=workdirs/fc3_enorm \
         --config=experiments/cifar10/configs/fc.py --config.method=enorm --config.depth=3
-Evaluate a checkpoint on any split of any data directory:
+Evaluate a checkpoint on any split of any ImageFolder (normalized with the
+statistics of its training data, stored in the workdir), e.g. a folder holding
+only ``test/<class>/*.jpg``:
     python -m experiments.cifar10.main --mode=evaluate --workdir=workdirs/fc3_enorm \
         --config=experiments/cifar10/configs/fc.py --config.method=enorm --config.depth=3 \
-        --split=validation --config.data_dir=../shared/data/cifar10
+        --split=test --eval_data_dir=/data/cifar10_test
 """
 
 import json
@@ -21,6 +23,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "What to do.")
 flags.DEFINE_string("split", "validation", "Split to score in evaluate mode.")
+flags.DEFINE_string("eval_data_dir", None, "Evaluate mode: the ImageFolder to score ('' "
+                    "for tfds); default: the training data, config.data_dir.")
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.mark_flags_as_required(["workdir", "config"])
 
@@ -33,7 +37,8 @@ def main(argv):
     metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     metrics.pop("final_state")
   else:
-    metrics = evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split)
+    metrics = evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split,
+                                           FLAGS.eval_data_dir)
   print(json.dumps(metrics, indent=1))
 
 

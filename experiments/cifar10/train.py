@@ -76,6 +76,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   trainer.check_batch_size(config.batch_size, mesh)
   trainer.check_workdir(workdir)
   ds = input_pipeline.load(config)
+  input_pipeline.save_stats(ds, workdir)
   per_epoch = input_pipeline.steps_per_epoch(ds, config.batch_size)
   total_steps = per_epoch * config.num_epochs
   setup = create_setup(config, total_steps)

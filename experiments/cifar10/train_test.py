@@ -1,5 +1,9 @@
 """Fast end-to-end tests of the CIFAR-10 experiment on a small generated ImageFolder."""
 
+import dataclasses
+import os
+import shutil
+
 import chex
 import jax
 import numpy as np
@@ -8,6 +12,7 @@ import pytest
 from experiments.cifar10 import evaluate, input_pipeline, train
 from experiments.cifar10.configs import conv_reduced, fc
 from experiments.common import data as common
+from experiments.common import methods, trainer
 
 
 def small_config(image_folder, tmp_path, model="fc", method="baseline", **overrides):
@@ -87,6 +92,33 @@ def test_evaluate_entry_point_scores_checkpoint(image_folder, tmp_path):
   assert scored["validation_acc"] == pytest.approx(metrics["validation_acc"])
   with pytest.raises(ValueError, match="split='test' is not available"):
     evaluate.evaluate_checkpoint(config, str(tmp_path / "work"), "test")
+
+
+def test_evaluate_any_split_of_any_folder_with_the_training_statistics(image_folder, tmp_path):
+  """A folder holding only test/ is scored, normalized with the training data's stats."""
+  config = small_config(image_folder, tmp_path, "fc", "baseline")
+  run(config, tmp_path / "work")
+  test_only = tmp_path / "test_only"
+  shutil.copytree(os.path.join(image_folder, "train"), test_only / "test")
+  scored = evaluate.evaluate_checkpoint(config, str(tmp_path / "work"), "test",
+                                        str(test_only))
+  # The same images through the training split's own normalization give the same
+  # scores; the statistics of the scored folder (here, all 120 images) would not.
+  ds = input_pipeline.load(config)
+  images = np.concatenate([ds.splits["train"][0], ds.splits["validation"][0]])
+  labels = np.concatenate([ds.splits["train"][1], ds.splits["validation"][1]])
+  reference = dataclasses.replace(ds, splits={"all": (images, labels)})
+  setup = train.create_setup(config, total_steps=1)
+  state = trainer.Checkpoints(str(tmp_path / "work")).restore_latest(setup.state)
+  mesh = trainer.make_mesh(config.num_devices)
+  _, eval_fn = methods.make_steps(setup, config, mesh)
+  expected = train.evaluate_splits(eval_fn, state, reference, config, mesh, ["all"])
+  assert scored["test_acc"] == pytest.approx(expected["all_acc"])
+  assert scored["test_loss"] == pytest.approx(expected["all_loss"], rel=1e-5)
+  assert not np.allclose(input_pipeline.load_for_evaluation(
+      config, str(tmp_path / "work"), str(test_only), "test").mean, images.mean((0, 1, 2)) / 255)
+  with pytest.raises(ValueError, match="split='valid' is not available.*available: \\['test'\\]"):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / "work"), "valid", str(test_only))
 
 
 def test_splits_are_deterministic_and_disjoint(image_folder, tmp_path):
