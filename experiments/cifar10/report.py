@@ -129,13 +129,13 @@ def fc_figure(best, path, title):
   plt.close(fig)
 
 
-def conv_table(records) -> tuple[str, dict]:
+def conv_table(records, biases="with biases") -> tuple[str, dict]:
   best, shown = shown_by(records, lambda r: (method_label(r), r["batch_size"], r["momentum"]))
   cols = sorted({(b, mo) for _, b, mo in shown})
   setting = ", ".join(sorted({f"width x{r.get('width_multiplier') or 1:g}, "
                               f"{r['epochs']} epochs" for r in records}))
   setting += ", lr " + " or ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in records}))
-  lines = ["### CIFAR-NV, REDUCED protocol (see configs/conv_reduced.py)", "",
+  lines = [f"### CIFAR-NV {biases}, REDUCED protocol (see configs/conv_reduced.py)", "",
            f"Validation accuracy %, one seed, the best of the rates run per cell (not a "
            f"full search; see configs/conv_reduced.py); "
            f"{setting}; runs finished: {len(records)}.", "",
@@ -194,10 +194,15 @@ def render(d: str) -> None:
   path = os.path.join(d, "cifar10_conv.json")
   if os.path.exists(path):
     with open(path) as f:
-      table, best = conv_table(json.load(f))
-    _write(os.path.join(d, "cifar10_conv.md"), table)
-    conv_figure(best, os.path.join(d, "cifar10_conv.png"))
-    print(table)
+      records = json.load(f)
+    for name, biased in (("cifar10_conv", True), ("cifar10_conv_no_bias", False)):
+      subset = [r for r in records if r.get("use_bias", True) == biased]
+      if not subset:
+        continue
+      table, best = conv_table(subset, "with biases" if biased else "without biases")
+      _write(os.path.join(d, f"{name}.md"), table)
+      conv_figure(best, os.path.join(d, f"{name}.png"))
+      print(table)
 
 
 def main(argv):

@@ -7,6 +7,7 @@ cells already there (and resumes a half-finished cell from its checkpoint).
     python -m experiments.cifar10.sweep --sweep=fc_search   # only the shortened LR search
     python -m experiments.cifar10.sweep --sweep=fc_final    # only the 60-epoch runs
     python -m experiments.cifar10.sweep --sweep=conv_reduced
+    python -m experiments.cifar10.sweep --sweep=conv_no_bias  # bias check, a few cells
 
 Several processes may run the same sweep at once (e.g. one per core with
 `taskset`): each claims a cell with an exclusive lock on `<workdir>/.claim`, which the
@@ -34,7 +35,8 @@ from experiments.cifar10 import train
 from experiments.cifar10.configs import conv, conv_reduced, fc
 from experiments.common.trainer import NonFiniteLossError
 
-_SWEEP = flags.DEFINE_enum("sweep", "fc", ["fc", "fc_search", "fc_final", "conv_reduced"],
+_SWEEP = flags.DEFINE_enum("sweep", "fc", ["fc", "fc_search", "fc_final", "conv_reduced",
+                                           "conv_no_bias"],
                            "Which sweep; 'fc' interleaves search and final runs by block.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "../shared/data/cifar10", "ImageFolder dir.")
 _WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "workdirs", "Parent of run workdirs.")
@@ -62,6 +64,9 @@ CONV_LR = 0.05
 CONV_MOMENTUM_LR = 0.01
 CONV_GN_GROUPS = 32  # until the search below picks one
 CONV_GN_SEARCH = (32, 0.0)  # (batch size, momentum) of the GN group search
+# Conv cells rerun without biases: (batch size, momentum, lr), for the methods below.
+CONV_NO_BIAS_SETTINGS = ((32, 0.0, 0.05), (8, 0.9, 0.05))
+CONV_NO_BIAS_METHODS = [("baseline", 1.0), ("enorm", 1.0), ("enorm", 1.2)]
 KEY_FIELDS = ("method", "c", "depth", "batch_size", "momentum", "lr", "epochs", "seed",
               "gn_groups", "width_multiplier", "use_bias")
 
@@ -219,6 +224,14 @@ def conv_cells(results_dir):
   return cells
 
 
+def conv_no_bias_cells():
+  """`conv_cells` settings where ENorm's conv results were weakest, without biases."""
+  config = conv_reduced.get_config()
+  return [dict(method=m, c=c, batch_size=b, momentum=mo, lr=lr, epochs=config.num_epochs,
+               gn_groups=None, width_multiplier=config.width_multiplier, use_bias=False)
+          for b, mo, lr in CONV_NO_BIAS_SETTINGS for m, c in CONV_NO_BIAS_METHODS]
+
+
 def make_config(sweep, cell, data_dir):
   config = (fc if sweep.startswith("fc") else conv_reduced).get_config()
   config.data_dir = data_dir
@@ -233,6 +246,8 @@ def make_config(sweep, cell, data_dir):
     config.momentum = cell["momentum"]
   if cell.get("gn_groups") is not None:
     config.gn_groups = cell["gn_groups"]
+  if cell.get("use_bias") is not None:
+    config.use_bias = cell["use_bias"]
   if config.method == "path_sgd":
     config.weight_decay = 0.0
   return config
@@ -242,6 +257,8 @@ def pending_cells(sweep, results_dir):
   """(cell, results path) pairs still to run, recomputed as results come in."""
   if sweep == "conv_reduced":
     tagged = [(c, "cifar10_conv.json") for c in conv_cells(results_dir)]
+  elif sweep == "conv_no_bias":
+    tagged = [(c, "cifar10_conv.json") for c in conv_no_bias_cells()]
   else:
     stage = "all" if sweep == "fc" else sweep.split("_")[1]
     tagged = [(c, "cifar10_fc.json" if c.pop("stage", None) == "final"

@@ -100,3 +100,17 @@ def test_conv_gn_group_search_then_reruns_with_the_chosen_count(tmp_path):
   assert len(reruns) == len(sweep.CONV_BATCH_SIZES) * len(conv.MOMENTUMS) - 1
   late = [c for c in cells if c["lr"] == sweep.CONV_MOMENTUM_LR and c["method"] == "gn"]
   assert {c["gn_groups"] for c in late} == {8}
+
+
+def test_conv_no_bias_cells_train_without_biases(tmp_path):
+  flags.FLAGS(["sweep_test"])
+  todo = sweep.pending_cells("conv_no_bias", str(tmp_path))
+  assert len(todo) == len(sweep.CONV_NO_BIAS_SETTINGS) * len(sweep.CONV_NO_BIAS_METHODS)
+  for cell, path in todo:
+    assert path.endswith("cifar10_conv.json")
+    assert sweep.make_config("conv_no_bias", cell, "").use_bias is False
+    assert sweep.make_record("conv_no_bias", cell)["use_bias"] is False
+  # The same settings with biases are other cells.
+  assert sweep.conv_cells(str(tmp_path))[0]["method"] == "baseline"
+  assert sweep.make_record("conv_reduced", dict(sweep.conv_cells(str(tmp_path))[0], seed=0))[
+      "use_bias"] is True
