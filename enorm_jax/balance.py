@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from enorm_jax import _paths
-from enorm_jax.graph import RescalingGraph, ResolvedEntry, ResolvedGroup
+from enorm_jax.graph import RescalingGraph, ResolvedEntry, ResolvedGroup, require_graph
 
 Scales = tuple[jax.Array, ...]
 
@@ -142,7 +142,7 @@ class _Plan:
 
   @classmethod
   def build(cls, graph: RescalingGraph, leaves: dict[str, Any]) -> _Plan:
-    groups = graph.resolve(leaves)
+    groups = require_graph(graph).resolve(leaves)
     by_leaf: dict[str, list] = {}
     for gi, g in enumerate(groups):
       for r in g.producers + g.biases + g.carried:
@@ -492,7 +492,7 @@ def energy(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.0
   """
   check_hyperparams(p, c)
   by_path = _paths.leaves_by_path(params)
-  groups = graph.resolve(by_path)
+  groups = require_graph(graph).resolve(by_path)
   counted = {r.path for g in groups for r in g.producers + g.consumers}
   if include_biases:
     counted |= {r.path for g in groups for r in g.biases}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from enorm_jax.balance import _rescale, check_hyperparams, energy
-from enorm_jax.graph import RescalingGraph
+from enorm_jax.graph import RescalingGraph, require_graph
 
 
 def path_norm_scaling(params: Any, apply_fn: Callable[[Any, jax.Array], jax.Array],
@@ -83,7 +83,7 @@ def path_sgd(learning_rate: optax.ScalarOrSchedule,
 
 def init_log_scales(graph: RescalingGraph) -> tuple[jax.Array, ...]:
   """ENorm-Impl's learnable log-scales: one zero per hidden unit (factors of 1)."""
-  return tuple(jnp.zeros((g.size,), jnp.float32) for g in graph)
+  return tuple(jnp.zeros((g.size,), jnp.float32) for g in require_graph(graph))
 
 
 def implicit_energy(params: Any, log_scales: tuple[jax.Array, ...], graph: RescalingGraph,

@@ -12,7 +12,7 @@ import numpy as np
 
 from enorm_jax import _paths
 from enorm_jax.balance import rescale
-from enorm_jax.graph import RescalingGraph
+from enorm_jax.graph import RescalingGraph, require_graph
 
 
 @dataclasses.dataclass
@@ -49,14 +49,49 @@ def _with_random_biases(params, graph, key):
       if p in targets else v, params), leaves
 
 
+def _default_rtol(*trees: Any) -> float:
+  """1e-4, or 8 machine epsilons of the least precise floating leaf if larger."""
+  eps = [float(jnp.finfo(jnp.result_type(v)).eps) for tree in trees
+         for v in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(v), jnp.floating)]
+  return max([1e-4] + [8 * e for e in eps])
+
+
+def _power_of_two_scales(key, graph, sigma):
+  """Random factors 2^k with k a non-zero integer (|k| about sigma / ln 2): scaling
+  by them is exact in every floating dtype, so a valid graph changes the output
+  only through ops that are not exactly scale-equivariant (e.g. a norm's eps)."""
+  keys = jax.random.split(key, len(graph))
+  scales = []
+  for k, g in zip(keys, graph):
+    z = sigma * jax.random.normal(k, (g.size,)) / np.log(2.0)
+    exponent = jnp.where(z < 0, -1.0, 1.0) * (1.0 + jnp.floor(jnp.abs(z)))
+    scales.append(jnp.exp2(exponent))
+  return tuple(scales)
+
+
 def check_graph(apply_fn: Callable[..., Any], params: Any, graph: RescalingGraph,
-                *example_args, rtol: float = 1e-4, sigma: float = 1.0, seed: int = 0,
-                **example_kwargs) -> CheckReport:
+                *example_args, rtol: float | None = None, sigma: float = 1.0,
+                seed: int = 0, **example_kwargs) -> CheckReport:
   """Checks that rescaling ``params`` along ``graph`` leaves ``apply_fn`` unchanged.
 
-  Every group is rescaled by random log-normal factors (with non-zero biases)
-  and the outputs are compared; if they differ by more than ``rtol``
+  Every unit is rescaled by a random power of two other than 1 (with non-zero
+  biases) and the outputs are compared; if they differ by more than ``rtol``
   (relative), each group is tried alone and the failing ones are named.
+  Scaling by powers of two is exact in every floating dtype, so a valid graph
+  passes in bf16 and fp16 too, while a wrong one changes the output by order
+  1. The default ``rtol`` is 1e-4, or 8 machine epsilons of the least precise
+  param or output dtype if larger (for ops such as a norm's eps).
+
+  Args:
+    apply_fn: ``apply_fn(params, *example_args, **example_kwargs)``.
+    params: the pytree the graph's paths point into.
+    graph: the `RescalingGraph` to check.
+    *example_args: example inputs (a few examples, so that units are active).
+    rtol: relative output tolerance; ``None`` for the dtype-aware default above.
+    sigma: spread of the random factors' natural log (``|k|`` is about
+      ``sigma / ln 2``, at least 1).
+    seed: seed of the random biases and factors.
+    **example_kwargs: keyword inputs of ``apply_fn``.
 
   Returns:
     A `CheckReport`; its ``unexercised`` lists units that are dead on the
@@ -66,13 +101,13 @@ def check_graph(apply_fn: Callable[..., Any], params: Any, graph: RescalingGraph
   Raises:
     ValueError: naming each offending group with its producers and consumers.
   """
-  graph.validate(params)
+  require_graph(graph).validate(params)
   key = jax.random.key(seed)
   params, _ = _with_random_biases(params, graph, key)
   f = jax.jit(lambda p: apply_fn(p, *example_args, **example_kwargs))
   y = f(params)
-  keys = jax.random.split(jax.random.fold_in(key, 1), len(graph))
-  scales = tuple(jnp.exp(sigma * jax.random.normal(k, (g.size,))) for k, g in zip(keys, graph))
+  rtol = _default_rtol(params, y) if rtol is None else rtol
+  scales = _power_of_two_scales(jax.random.fold_in(key, 1), graph, sigma)
   error = _relative_error(f(rescale(params, scales, graph)), y)
   if error > rtol:
     ones = tuple(jnp.ones_like(s) for s in scales)

@@ -20,6 +20,7 @@ says where the units sit in it:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -45,6 +46,11 @@ class Entry:
     offset: unit ``u`` is index ``offset + u`` along the (combined) axis.
     bias: for producers only: path of a 1-D bias whose entry ``offset + u`` is
       rescaled with unit ``u``.
+    partial: ``True`` declares that the graph deliberately leaves some positions
+      of this axis unrescaled (e.g. half of a concatenation is read by an op
+      that stops rescaling). Otherwise the graph's entries on a parameter axis
+      must cover every position exactly once, so a graph built for other
+      params (a narrower layer) raises instead of balancing a slice.
   """
 
   path: str
@@ -52,6 +58,7 @@ class Entry:
   view: tuple[int, ...] | None = None
   offset: int = 0
   bias: str | None = None
+  partial: bool = False
 
   def __post_init__(self):
     if not isinstance(self.path, str) or not self.path:
@@ -149,7 +156,8 @@ class Group:
           "without both has no finite balancing factor. Drop the group instead.")
     if any(e.bias is not None for e in self.consumers + self.carried + self.biases):
       raise ValueError(f"Group {self.label}: only producers carry a bias.")
-    moved = tuple(Entry(e.bias, 0, offset=e.offset) for e in self.producers if e.bias)
+    moved = tuple(Entry(e.bias, 0, offset=e.offset, partial=e.partial)
+                  for e in self.producers if e.bias)
     if moved:
       object.__setattr__(self, "producers", tuple(
           dataclasses.replace(e, bias=None) for e in self.producers))
@@ -209,8 +217,60 @@ class RescalingGraph:
     self.resolve(_paths.leaves_by_path(params))
 
   def resolve(self, leaves: Mapping[str, Any]) -> tuple[ResolvedGroup, ...]:
-    """Resolves every entry against ``leaves`` (path -> array-like)."""
-    return tuple(_resolve_group(g, leaves) for g in self.groups)
+    """Resolves every entry against ``leaves`` (path -> array-like).
+
+    Raises `ValueError` if an entry does not fit its parameter, if two entries
+    claim the same position of a parameter axis, or if the entries on an axis
+    leave positions uncovered and none of them is marked ``partial``.
+    """
+    resolved = tuple(_resolve_group(g, leaves) for g in self.groups)
+    for (path, _, axes, _), (extent, spans) in self._spans(resolved).items():
+      gaps = _gaps(extent, spans)
+      if gaps and not any(partial for _, _, _, partial in spans):
+        covered = ", ".join(f"{a}..{b - 1} ({label})" for a, b, label, _ in spans)
+        raise ValueError(
+            f"Parameter {path!r}, axis {axes[0] if len(axes) == 1 else axes}: the graph "
+            f"covers positions {covered} of {extent}, and leaves {_fmt_ranges(gaps)} "
+            "uncovered. Every position of a rescaled axis must belong to exactly one "
+            "unit. If these params belong to another model (e.g. a wider layer), "
+            "rebuild the graph from them; if the slice is deliberate, mark the entry "
+            "Entry(..., partial=True).")
+    return resolved
+
+  def coverage_gaps(self, leaves: Mapping[str, Any]) -> dict[tuple[str, tuple], list]:
+    """``{(path, axes): [(start, stop), ...]}``: positions of each rescaled parameter
+    axis that no entry covers (`resolve` raises for them unless an entry is
+    ``partial``)."""
+    resolved = tuple(_resolve_group(g, leaves) for g in self.groups)
+    out = {}
+    for (path, _, axes, _), (extent, spans) in self._spans(resolved).items():
+      gaps = _gaps(extent, spans)
+      if gaps:
+        out[(path, axes)] = gaps
+    return out
+
+  def _spans(self, resolved):
+    """(path, view, axes, side) -> (extent, sorted [(start, stop, group label,
+    partial)]), where side is +1 (multiplied: producers, biases, carried) or -1
+    (divided: consumers); raises where two units of one side overlap."""
+    spans = collections.defaultdict(list)
+    for g, rg in zip(self.groups, resolved):
+      sides = ((1, g.producers + g.biases + g.carried, rg.producers + rg.biases + rg.carried),
+               (-1, g.consumers, rg.consumers))
+      for side, entries, resolved_entries in sides:
+        for e, r in zip(entries, resolved_entries):
+          spans[(r.path, r.view, r.axes, side)].append(
+              (r.offset, r.offset + g.size, g.label, e.partial))
+    for (path, _, axes, _), items in spans.items():
+      items.sort(key=lambda item: item[:2])
+      for (a0, b0, l0, _), (a1, b1, l1, _) in zip(items, items[1:]):
+        if a1 < b0:
+          raise ValueError(
+              f"Parameter {path!r}, axis {axes[0] if len(axes) == 1 else axes}: "
+              f"positions {a1}..{min(b0, b1) - 1} belong to two units ({l0} and {l1}). "
+              "A position can be rescaled by one group only; fix the entries' offsets.")
+    return {key: (math.prod(key[1][a] for a in key[2]), items)
+            for key, items in spans.items()}
 
   @functools.cached_property
   def phases(self) -> tuple[tuple[int, ...], ...]:
@@ -261,6 +321,20 @@ class RescalingGraph:
     return "\n".join(lines)
 
 
+def require_graph(graph: Any, argument: str = "graph") -> RescalingGraph:
+  """Returns ``graph`` if it is a `RescalingGraph`; raises `TypeError` with the fix."""
+  if isinstance(graph, RescalingGraph):
+    return graph
+  if isinstance(getattr(graph, "graph", None), RescalingGraph):
+    raise TypeError(f"{argument} must be a RescalingGraph, got a {type(graph).__name__} "
+                    f"(from trace_graph(..., explain=True)): pass report.graph.")
+  hint = ""
+  if isinstance(graph, (list, tuple)):
+    hint = (" A sequence here is usually the per-group scales: check the argument order "
+            "(e.g. rescale(tree, scales, graph)).")
+  raise TypeError(f"{argument} must be a RescalingGraph, got {type(graph).__name__}.{hint}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ResolvedGroup:
   """A `Group` whose entries are checked against the params (internal)."""
@@ -270,6 +344,22 @@ class ResolvedGroup:
   biases: tuple[ResolvedEntry, ...]
   consumers: tuple[ResolvedEntry, ...]
   carried: tuple[ResolvedEntry, ...]
+
+
+def _gaps(extent, spans):
+  """The [start, stop) ranges of ``range(extent)`` that no sorted span covers."""
+  gaps, position = [], 0
+  for start, stop, _, _ in spans:
+    if start > position:
+      gaps.append((position, start))
+    position = max(position, stop)
+  if position < extent:
+    gaps.append((position, extent))
+  return gaps
+
+
+def _fmt_ranges(ranges) -> str:
+  return ", ".join(f"{a}..{b - 1}" if b - a > 1 else f"{a}" for a, b in ranges)
 
 
 def _check_leaf(path: str, leaves: Mapping[str, Any], group: Group):

@@ -293,6 +293,7 @@ def trace_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
     elif isinstance(t, ParamView):
       tr.taint(t.path, "returned as an output")
   graph, stopped = _build_graph(tr, paths)
+  graph = _mark_partial(graph, shapes)
   if explain:
     return TraceReport(graph, stopped)
   return graph
@@ -346,6 +347,23 @@ def _build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str
   groups.sort(key=lambda g: g[0])
   stopped = [f"{k}: {v}" for k, v in reasons.items()]
   return RescalingGraph(tuple(g for _, g in groups)), stopped
+
+
+def _mark_partial(graph: RescalingGraph, shapes) -> RescalingGraph:
+  """Marks ``partial`` the entries of axes whose other positions were stopped."""
+  leaves = {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()}
+  gaps = graph.coverage_gaps(leaves)
+  if not gaps:
+    return graph
+
+  def mark(entries):
+    return tuple(dataclasses.replace(e, partial=True)
+                 if (e.path, e.resolved(shapes[e.path]).axes) in gaps else e
+                 for e in entries)
+  return RescalingGraph(tuple(
+      dataclasses.replace(g, producers=mark(g.producers), consumers=mark(g.consumers),
+                          carried=mark(g.carried), biases=mark(g.biases))
+      for g in graph))
 
 
 def _make_group(sig, roots, leaf_classes):

@@ -14,7 +14,7 @@ from jax import lax
 
 from enorm_jax import _paths
 from enorm_jax.balance import Scales, _Plan, balance, check_hyperparams
-from enorm_jax.graph import RescalingGraph
+from enorm_jax.graph import RescalingGraph, require_graph
 
 # How a params-shaped optimizer buffer transforms when its parameter is
 # multiplied by s: the buffer is multiplied by s**power. Keyed by the name of
@@ -187,8 +187,7 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
   check_hyperparams(p, c, cycles, schedule)
   if not isinstance(every_k, numbers.Integral) or every_k < 1:
     raise ValueError(f"every_k must be an int >= 1, got every_k={every_k!r}.")
-  if not isinstance(graph, RescalingGraph):
-    raise TypeError(f"graph must be a RescalingGraph, got {type(graph).__name__}.")
+  require_graph(graph)
   bias_paths = tuple(sorted({e.path for g in graph for e in g.biases}))
   if bias_steps is None:
     if c != 1 and bias_paths:
@@ -203,9 +202,24 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     raise ValueError(f"bias_steps must be one of {BIAS_STEPS}, got {bias_steps!r}.")
   if bias_steps == "balanced":
     bias_paths = ()
+  for name, power in (state_roles or {}).items():
+    if power not in (FIRST_MOMENT, SECOND_MOMENT, PARAM_COPY) or isinstance(power, bool):
+      raise ValueError(
+          f"state_roles[{name!r}]={power!r} is not a role: use enorm_jax.FIRST_MOMENT (-1, "
+          "gradient-like), SECOND_MOMENT (-2) or PARAM_COPY (+1).")
   roles = dict(DEFAULT_STATE_ROLES)
   roles.update(state_roles or {})
   inner = optax.with_extra_args_support(inner)
+
+  def check_roles_match(inner_state):
+    flat, _ = jax.tree_util.tree_flatten_with_path(inner_state)
+    fields = {_paths.key_name(k) for kp, _ in flat for k in kp
+              if not isinstance(k, jax.tree_util.SequenceKey)}
+    unknown = sorted(set(state_roles or {}) - fields)
+    if unknown:
+      raise ValueError(
+          f"enorm: state_roles names {unknown}, but the inner optimizer's state has no "
+          f"such field (its fields: {sorted(fields)}). Check the spelling.")
 
   def init_fn(params):
     leaves = _paths.leaves_by_path(params)
@@ -213,7 +227,9 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     if missing:
       raise ValueError(f"enorm: bias paths {missing} of the graph are not in the params "
                        "pytree.")
-    return EnormState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params),
+    inner_state = inner.init(params)
+    check_roles_match(inner_state)
+    return EnormState(count=jnp.zeros([], jnp.int32), inner_state=inner_state,
                       bias_scales={path: jnp.ones(jnp.shape(leaves[path]), jnp.float32)
                                    for path in bias_paths})
 
