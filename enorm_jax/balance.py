@@ -140,6 +140,10 @@ class _Plan:
   groups: tuple[ResolvedGroup, ...]
   by_leaf: dict[str, tuple[tuple[int, ResolvedEntry, int], ...]]
 
+  def shape_of(self, path: str) -> tuple[int, ...]:
+    """The shape of the parameter at ``path`` (which must be in ``by_leaf``)."""
+    return self.by_leaf[path][0][1].shape
+
   @classmethod
   def build(cls, graph: RescalingGraph, leaves: dict[str, Any]) -> _Plan:
     groups = require_graph(graph).resolve(leaves)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from enorm_jax import _paths
+from enorm_jax import _paths, outermost
 from enorm_jax.balance import Scales, _Plan, balance, check_hyperparams
 from enorm_jax.graph import RescalingGraph, require_graph
 
@@ -23,31 +23,78 @@ FIRST_MOMENT, SECOND_MOMENT, PARAM_COPY = -1, -2, 1
 DEFAULT_STATE_ROLES: Mapping[str, int] = {
     # gradients and first moments: g -> g / s
     "trace": FIRST_MOMENT,      # optax.trace / sgd(momentum=...)
-    "mu": FIRST_MOMENT,         # adam, adamw, lion, rmsprop(centered), ...
+    "mu": FIRST_MOMENT,         # adam, adamw, lion, sophia, adopt, ...
     "acc_grads": FIRST_MOMENT,  # optax.MultiSteps
     "ema": FIRST_MOMENT,        # optax.ema (an average of updates)
     "grad_acc": FIRST_MOMENT,
     "momentum": FIRST_MOMENT,
+    "exp_avg": FIRST_MOMENT,    # contrib: prodigy, dadapt_adamw, momo
+    "grad_sum": FIRST_MOMENT,   # contrib: prodigy (EMA of step-weighted gradients)
+    "m1": FIRST_MOMENT,         # contrib: ademamix (fast EMA)
+    "m2": FIRST_MOMENT,         # contrib: ademamix (slow EMA)
+    "m": FIRST_MOMENT,          # contrib: simplified_ademamix
+    "s": FIRST_MOMENT,          # contrib: madgrad (weighted sum of gradients)
     # second moments: g**2 -> g**2 / s**2
-    "nu": SECOND_MOMENT,             # adam, rmsprop, adabelief, ...
+    "nu": SECOND_MOMENT,             # adam, rmsprop, adabelief; sophia's Hessian EMA
     "sum_of_squares": SECOND_MOMENT,  # adagrad
+    "nu_max": SECOND_MOMENT,         # amsgrad
+    "exp_avg_sq": SECOND_MOMENT,     # contrib: prodigy, dadapt_adamw, momo
+    "grad_sum_sq": SECOND_MOMENT,    # contrib: madgrad
+    "n": SECOND_MOMENT,              # contrib: simplified_ademamix
+    "v": SECOND_MOMENT,              # adafactor's unfactored moments (factored=False)
     # parameter copies: w -> w * s
     "slow": PARAM_COPY,
     "slow_params": PARAM_COPY,
     "ema_params": PARAM_COPY,
+    "z": PARAM_COPY,            # contrib: schedule_free
+    "params0": PARAM_COPY,      # contrib: prodigy (initial point)
+    "init_params": PARAM_COPY,  # contrib: dog, dowg
+    "x0": PARAM_COPY,           # contrib: mechanize, madgrad
 }
+# Adafactor's factored second moments: a row and a column mean of g**2 cannot be
+# rescaled exactly by per-element factors d_out / d_in.
+_FACTORED_FIELDS = ("v_row", "v_col")
+
+
+def _field_names(tree: Any) -> set[str]:
+  """Every NamedTuple field and dict key in ``tree``, leaves or not."""
+  names: set[str] = set()
+  if hasattr(type(tree), "_fields"):
+    names |= set(tree._fields)
+  if isinstance(tree, Mapping):
+    names |= {str(k) for k in tree}
+    values = list(tree.values())
+  elif isinstance(tree, (tuple, list)):
+    values = list(tree)
+  else:
+    values = []
+  for v in values:
+    names |= _field_names(v)
+  return names
+
+
+def _suggested_role(field: str) -> str:
+  """The role a state field's name suggests, for the error message."""
+  lowered = field.lower()
+  if any(k in lowered for k in ("sq", "nu", "second", "hess", "var")):
+    return "SECOND_MOMENT"
+  if any(k in lowered for k in ("param", "init", "slow", "x0", "anchor", "weights")):
+    return "PARAM_COPY"
+  return "FIRST_MOMENT"
 
 
 BIAS_STEPS = ("balanced", "unbalanced")
 
 
 class EnormState(NamedTuple):
-  """State of `enorm`: a step counter, the inner optimizer's state, and with
-  ``bias_steps='unbalanced'`` each bias's accumulated factor (path -> array)."""
+  """State of `enorm`: a step counter, the inner optimizer's state, with
+  ``bias_steps='unbalanced'`` each group's accumulated unit factors, and with
+  ``check_applied`` a fingerprint of the params the last update made."""
 
   count: jax.Array  # int32, number of updates so far
   inner_state: optax.OptState
-  bias_scales: Mapping[str, jax.Array] = {}
+  unit_scales: tuple[jax.Array, ...] = ()
+  applied: Mapping[str, jax.Array] = {}
 
 
 def _params_key_paths(params: Any) -> set[tuple[str, ...]]:
@@ -56,7 +103,7 @@ def _params_key_paths(params: Any) -> set[tuple[str, ...]]:
 
 
 def _state_role(key_path: tuple[Any, ...], params_paths, roles: Mapping[str, int]):
-  """(param path, power) of a params-shaped state leaf, found by its field name."""
+  """(param path, field name, power) of a params-shaped state leaf."""
   names = tuple(_paths.key_name(k) for k in key_path)
   for start in range(len(names)):
     if names[start:] in params_paths:
@@ -64,14 +111,18 @@ def _state_role(key_path: tuple[Any, ...], params_paths, roles: Mapping[str, int
       named = [(k, n) for k, n in zip(key_path[:start], names[:start])
                if not isinstance(k, jax.tree_util.SequenceKey)]
       field = named[-1][1] if named else None
+      if field in _FACTORED_FIELDS:
+        return param_path, field, None
       if field not in roles:
         raise ValueError(
             f"enorm cannot tell how to rescale the inner optimizer state field {field!r} "
             f"(state path {'/'.join(names)}). ENorm changes the params, so every "
             "params-shaped buffer must be rescaled: pass state_roles={"
-            f"{field!r}: enorm_jax.FIRST_MOMENT}} (gradient-like, divided by s), "
-            "SECOND_MOMENT (divided by s**2) or PARAM_COPY (multiplied by s).")
-      return param_path, roles[field]
+            f"{field!r}: enorm_jax.{_suggested_role(str(field))}}} if that is what it "
+            "holds. The roles: FIRST_MOMENT (gradient-like, divided by s), "
+            "SECOND_MOMENT (squared gradients, divided by s**2), PARAM_COPY "
+            "(parameter values, multiplied by s).")
+      return param_path, field, roles[field]
   raise ValueError(f"enorm could not match optimizer state leaf {'/'.join(names)} to a "
                    "parameter path.")
 
@@ -111,8 +162,22 @@ def rescale_optimizer_state(inner: optax.GradientTransformation, inner_state: An
     if not flag:
       new_leaves.append(leaf)
       continue
-    param_path, power = _state_role(key_path, params_paths, state_roles)
+    param_path, field, power = _state_role(key_path, params_paths, state_roles)
     if param_path in plan.by_leaf and param_path not in unscaled_paths:
+      shape = tuple(plan.shape_of(param_path))
+      if power is None:  # a factored moment: only the (1,) placeholder of an unfactored one
+        if tuple(leaf.shape) != (1,) or shape == (1,):
+          raise ValueError(
+              f"enorm cannot rescale the factored second moment {field!r} of parameter "
+              f"{param_path!r}: a row and a column mean of g**2 cannot follow per-element "
+              "factors exactly. Use optax.adafactor(..., factored=False), or adam.")
+        new_leaves.append(leaf)
+        continue
+      if tuple(leaf.shape) != shape:
+        raise ValueError(
+            f"enorm: the inner optimizer state field {field!r} holds shape "
+            f"{tuple(leaf.shape)} for parameter {param_path!r} of shape {shape}; only "
+            "buffers with the parameter's shape can be rescaled.")
       leaf = plan.scale(param_path, leaf.astype(jnp.float32), scales, power).astype(leaf.dtype)
     new_leaves.append(leaf)
   return jax.tree_util.tree_unflatten(treedef, new_leaves)
@@ -121,7 +186,7 @@ def rescale_optimizer_state(inner: optax.GradientTransformation, inner_state: An
 def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: float = 2.0,
           c: float = 1.0, cycles: int = 1, every_k: int = 1, include_biases: bool = False,
           schedule: str = "sequential", bias_steps: str | None = None,
-          state_roles: Mapping[str, int] | None = None
+          state_roles: Mapping[str, int] | None = None, check_applied: bool = True
           ) -> optax.GradientTransformationExtraArgs:
   """Equi-normalization after every ``every_k`` steps of ``inner`` (Algorithm 2).
 
@@ -132,8 +197,11 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
   ``MultiSteps`` accumulators) or by ``s**2`` (second moments: ``nu``); see
   `DEFAULT_STATE_ROLES`.
 
-  Use it as the outermost transformation (the one whose updates are applied to
-  the params); put weight decay, clipping and schedules inside ``inner``.
+  Use it as the outermost transformation, and apply its updates unchanged
+  (``optax.apply_updates(params, updates)``); put weight decay, clipping and
+  schedules inside ``inner``. Anything applied after it changes
+  ``balanced - params`` and so the network's function: with ``check_applied``
+  the next update raises when its params are not the ones the last update made.
 
   Biases and ``c != 1``: at the balance point of ``c > 1`` the middle layers of
   a deep net carry tiny activations, and so tiny biases (a bias is rescaled
@@ -164,6 +232,10 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     state_roles: field name -> power (``FIRST_MOMENT``, ``SECOND_MOMENT``,
       ``PARAM_COPY``) for params-shaped state fields, merged over
       `DEFAULT_STATE_ROLES`.
+    check_applied: keep a fingerprint (sum and sum of squares per rescaled
+      leaf) of the params each update makes, and raise at the next update if
+      the params differ (the outermost rule above). Costs two reductions over
+      the rescaled params per step.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`. Its ``update`` needs ``params``.
@@ -210,69 +282,71 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
   roles = dict(DEFAULT_STATE_ROLES)
   roles.update(state_roles or {})
   inner = optax.with_extra_args_support(inner)
+  checked_paths = graph.paths if check_applied else frozenset()
 
   def check_roles_match(inner_state):
-    flat, _ = jax.tree_util.tree_flatten_with_path(inner_state)
-    fields = {_paths.key_name(k) for kp, _ in flat for k in kp
-              if not isinstance(k, jax.tree_util.SequenceKey)}
-    unknown = sorted(set(state_roles or {}) - fields)
+    unknown = sorted(set(state_roles or {}) - _field_names(inner_state))
     if unknown:
       raise ValueError(
           f"enorm: state_roles names {unknown}, but the inner optimizer's state has no "
-          f"such field (its fields: {sorted(fields)}). Check the spelling.")
+          f"such field (its fields: {sorted(_field_names(inner_state))}). Check the "
+          "spelling.")
 
   def init_fn(params):
-    leaves = _paths.leaves_by_path(params)
-    missing = [path for path in bias_paths if path not in leaves]
-    if missing:
-      raise ValueError(f"enorm: bias paths {missing} of the graph are not in the params "
-                       "pytree.")
+    # Placeholder-safe (optax.tree_utils.tree_map_params): only the graph is read.
     inner_state = inner.init(params)
     check_roles_match(inner_state)
-    return EnormState(count=jnp.zeros([], jnp.int32), inner_state=inner_state,
-                      bias_scales={path: jnp.ones(jnp.shape(leaves[path]), jnp.float32)
-                                   for path in bias_paths})
+    return EnormState(
+        count=jnp.zeros([], jnp.int32), inner_state=inner_state,
+        unit_scales=tuple(jnp.ones(g.size, jnp.float32) for g in graph) if bias_paths else (),
+        applied={path: jnp.zeros(3, jnp.float32) for path in sorted(checked_paths)})
 
-  def with_bias_scales(tree, bias_scales, power):
-    """``tree`` with every bias leaf multiplied by its accumulated factor**power."""
+  def with_bias_scales(tree, unit_scales, power):
+    """``tree`` with every bias leaf times its units' accumulated factors**power."""
+    if not unit_scales:
+      return tree
+    leaves = _paths.leaves_by_path(tree)
+    plan = _Plan.build(graph, leaves)
+
     def scaled(path, x):
-      if path not in bias_scales or x is None:
+      if path not in bias_paths or x is None:
         return x
-      return (x * bias_scales[path] ** power).astype(x.dtype)
+      factor = plan.scale(path, jnp.ones(jnp.shape(x), jnp.float32), unit_scales, signs=(1,))
+      return (x * factor ** power).astype(x.dtype)
     return _paths.map_with_path_str(scaled, tree)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("enorm needs the current params: call "
                        "tx.update(grads, state, params).")
-    bias_scales = state.bias_scales
+    outermost.check_unchanged(state.applied, params, active=state.count > 0)
+    unit_scales = state.unit_scales
     inner_updates, inner_state = inner.update(
-        with_bias_scales(updates, bias_scales, 1), state.inner_state,
-        with_bias_scales(params, bias_scales, -1), **extra_args)
-    stepped = optax.apply_updates(params, with_bias_scales(inner_updates, bias_scales, 1))
+        with_bias_scales(updates, unit_scales, 1), state.inner_state,
+        with_bias_scales(params, unit_scales, -1), **extra_args)
+    stepped = optax.apply_updates(params, with_bias_scales(inner_updates, unit_scales, 1))
     count = optax.safe_increment(state.count)
 
     def balanced(operand):
-      stepped, inner_state, bias_scales = operand
+      stepped, inner_state, unit_scales = operand
       new_params, scales = balance(stepped, graph, p=p, c=c, cycles=cycles,
                                    include_biases=include_biases, schedule=schedule)
       inner_state = rescale_optimizer_state(inner, inner_state, stepped, scales, graph,
                                             roles, unscaled_paths=bias_paths)
-      if bias_scales:
-        plan = _Plan.build(graph, _paths.leaves_by_path(stepped))
-        bias_scales = {path: plan.scale(path, s, scales) for path, s in bias_scales.items()}
-      return new_params, inner_state, bias_scales
+      unit_scales = tuple(u * s for u, s in zip(unit_scales, scales))
+      return new_params, inner_state, unit_scales
 
-    operand = (stepped, inner_state, bias_scales)
+    operand = (stepped, inner_state, unit_scales)
     if every_k == 1:
-      new_params, inner_state, bias_scales = balanced(operand)
+      new_params, inner_state, unit_scales = balanced(operand)
     else:
-      new_params, inner_state, bias_scales = lax.cond(count % every_k == 0, balanced,
+      new_params, inner_state, unit_scales = lax.cond(count % every_k == 0, balanced,
                                                       lambda x: x, operand)
     new_updates = jax.tree.map(lambda new, old: (new - old).astype(old.dtype)
                                if hasattr(old, "dtype") else new,
                                new_params, params)
     return new_updates, EnormState(count=count, inner_state=inner_state,
-                                   bias_scales=bias_scales)
+                                   unit_scales=unit_scales,
+                                   applied=outermost.fingerprint(new_params, checked_paths))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -149,3 +149,42 @@ def test_check_graph_passes_valid_and_fails_wrong_graphs_in_every_dtype(dtype, c
       + graph.groups[2:])
   with pytest.raises(ValueError, match="does not preserve the function"):
     enorm_jax.check_graph(apply, params, wrong, x)
+
+
+# --- enorm must be the outermost transformation. ---
+
+@pytest.mark.parametrize("after", [optax.scale(0.5), optax.clip_by_global_norm(1e-3)])
+def test_a_transformation_after_enorm_raises_at_the_next_update(after):
+  model, params, names = _mlp(8)
+  graph = enorm_jax.chain_graph(params, names)
+  tx = optax.chain(enorm_jax.enorm(optax.sgd(0.1), graph, c=1.2), after)
+  step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.zeros_like, p), s, p))
+  state = tx.init(params)
+  updates, state = step(params, state)  # the first update cannot be checked
+  params = optax.apply_updates(params, updates)
+  with pytest.raises(Exception, match="enorm must be the outermost transformation"):
+    jax.block_until_ready(step(params, state))
+
+
+def test_outermost_enorm_and_wrappers_pass_the_check():
+  model, params, names = _mlp(8)
+  graph = enorm_jax.chain_graph(params, names)
+  x = jax.random.normal(jax.random.key(3), (4, 4))
+  grads = lambda p: jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(p)
+  for tx in (enorm_jax.enorm(optax.adam(1e-2), graph, c=1.2),
+             optax.MultiSteps(enorm_jax.enorm(optax.sgd(0.1), graph), every_k_schedule=2),
+             optax.apply_if_finite(enorm_jax.enorm(optax.sgd(0.1), graph), 3),
+             enorm_jax.enorm(optax.sgd(0.1), graph, every_k=2)):
+    p, state = params, tx.init(params)
+    step = jax.jit(lambda p, s, tx=tx: tx.update(grads(p), s, p))
+    for _ in range(5):
+      updates, state = step(p, state)
+      p = optax.apply_updates(p, updates)
+    jax.block_until_ready(p)
+  # Without the check, the same chain runs (the user takes responsibility).
+  tx = optax.chain(enorm_jax.enorm(optax.sgd(0.1), graph, check_applied=False),
+                   optax.scale(0.5))
+  p, state = params, tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(grads(p), state, p)
+    p = optax.apply_updates(p, updates)

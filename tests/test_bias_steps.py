@@ -77,12 +77,11 @@ def test_unbalanced_bias_steps_keep_the_function_and_track_the_factors():
   x = jax.random.normal(jax.random.key(4), (5, 6))
   np.testing.assert_allclose(model.apply({"params": new}, x),
                              model.apply({"params": params}, x), rtol=1e-5, atol=1e-6)
-  # The accumulated factor of each bias is its unit's factor: new bias / old bias.
-  for layer in LAYERS[:-1]:
-    path = f"{layer}/bias"
-    np.testing.assert_allclose(state.bias_scales[path],
-                               new[layer]["bias"] / params[layer]["bias"], rtol=1e-5)
-  assert set(state.bias_scales) == {f"{layer}/bias" for layer in LAYERS[:-1]}
+  # The accumulated factor of each unit is its bias's factor: new bias / old bias.
+  assert len(state.unit_scales) == len(LAYERS) - 1
+  for layer, unit_scale in zip(LAYERS[:-1], state.unit_scales):
+    np.testing.assert_allclose(unit_scale, new[layer]["bias"] / params[layer]["bias"],
+                               rtol=1e-5)
 
 
 def test_bias_steps_default_warns_for_c_other_than_one_with_biases():
@@ -95,3 +94,15 @@ def test_bias_steps_default_warns_for_c_other_than_one_with_biases():
     enorm_jax.enorm(optax.sgd(0.1), graph, c=1.2, bias_steps="balanced")
   with pytest.raises(ValueError, match="bias_steps must be one of"):
     enorm_jax.enorm(optax.sgd(0.1), graph, bias_steps="frame")
+
+
+def test_state_is_tree_map_params_friendly():
+  """init reads only the graph, so optax.tree_utils.tree_map_params (used for
+  sharding specs) works with unbalanced bias steps and the outermost check."""
+  _, params, graph = _mlp()
+  tx = enorm_jax.enorm(optax.adam(1e-3), graph, c=1.2, bias_steps="unbalanced")
+  state = tx.init(params)
+  mapped = optax.tree_utils.tree_map_params(tx, lambda v: v + 1, state,
+                                            transform_non_params=lambda v: v)
+  np.testing.assert_allclose(mapped.inner_state[0].mu["layers_0"]["kernel"], 1.0)
+  assert len(mapped.unit_scales) == len(state.unit_scales)
