@@ -24,6 +24,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -170,12 +172,28 @@ def _sub_jaxpr(eqn):
   return None
 
 
+_LIBRARY_DIRS = tuple(f"{os.sep}{name}{os.sep}" for name in (
+    "jax", "jaxlib", "flax", "optax", "enorm_jax", "chex", "numpy"))
+
+
 def _where(eqn) -> str:
+  """The user's line that made ``eqn`` (the innermost frame outside jax, flax,
+  optax and this library), with the innermost library frame as a detail."""
   try:
-    from jax._src import source_info_util
-    return source_info_util.summarize(eqn.source_info)
-  except Exception:  # pragma: no cover - best effort
-    return "?"
+    frames = list(eqn.source_info.traceback.frames)
+  except AttributeError:  # pragma: no cover - no traceback recorded
+    return "an unknown location"
+
+  def fmt(f):
+    return f"{f.file_name}:{f.line_num} ({f.function_name})"
+  library = [f for f in frames if any(d in f.file_name for d in _LIBRARY_DIRS)]
+  user = next((f for f in frames if not any(d in f.file_name for d in _LIBRARY_DIRS)
+               and not f.file_name.startswith("<frozen")), None)
+  inner = next((f for f in library if f"{os.sep}jax{os.sep}" not in f.file_name
+                and f"{os.sep}enorm_jax{os.sep}" not in f.file_name), None)
+  if user is None:
+    return fmt(inner) if inner is not None else "an unknown location"
+  return fmt(user) + (f", inside {fmt(inner)}" if inner is not None else "")
 
 
 def _interpret(tr: Tracer, jaxpr, consts, in_tags) -> list:
@@ -294,6 +312,10 @@ def trace_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
       tr.taint(t.path, "returned as an output")
   graph, stopped = _build_graph(tr, paths)
   graph = _mark_partial(graph, shapes)
+  stopped += _unaccounted(graph, stopped, tr, paths, leaves)
+  if not graph.groups and not explain:
+    warnings.warn("trace_graph found no rescalable units:\n  " + "\n  ".join(stopped),
+                  stacklevel=2)
   if explain:
     return TraceReport(graph, stopped)
   return graph
@@ -347,6 +369,31 @@ def _build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str
   groups.sort(key=lambda g: g[0])
   stopped = [f"{k}: {v}" for k, v in reasons.items()]
   return RescalingGraph(tuple(g for _, g in groups)), stopped
+
+
+def _unaccounted(graph, stopped, tr, paths, leaves) -> list[str]:
+  """Reasons for every kernel-like parameter (ndim >= 2, or a norm's ``scale``) that
+  is in no group and not yet explained, so that the report covers them all."""
+  in_graph = {e.path for g in graph for e in g.producers + g.consumers + g.biases + g.carried}
+  explained = {line.split(" outputs: ")[0] for line in stopped}
+  lines = []
+  if not paths:
+    return ["the params pytree has no leaves"]
+  for path, leaf in zip(paths, leaves):
+    dtype = jnp.result_type(leaf)
+    kernel_like = np.ndim(leaf) >= 2 or path.rsplit("/", 1)[-1] == "scale"
+    if not kernel_like or path in in_graph or path.rsplit("/", 1)[0] in explained:
+      continue
+    if not jnp.issubdtype(dtype, jnp.floating):
+      reason = f"has dtype {dtype}: only floating-point parameters can be rescaled"
+    elif path in tr.tainted:
+      reason = tr.tainted[path]
+    else:
+      reason = ("its outputs reach no rescalable unit: it is not the kernel of a dot "
+                "product or convolution whose output channels pass only through "
+                "rescalable ops to another parameterized layer")
+    lines.append(f"{path}: {reason}")
+  return lines
 
 
 def _mark_partial(graph: RescalingGraph, shapes) -> RescalingGraph:

@@ -365,6 +365,20 @@ def _dot_general(tr, eqn, tags):
     per_free = _constant_over(t.units, contract[side] + batch[side])
     on_contract = per_contract is not None and (per_contract >= 0).any()
     on_free = per_free is not None and (per_free >= 0).any()
+    per_kept = _constant_over(t.units, contract[side])
+    if per_contract is None and per_free is None and per_kept is not None:
+      # Units on batch (and free) dims, constant over the contraction: each output
+      # element is a sum over one unit's values, e.g. attention weights times the
+      # values, per head. Valid against an unscaled, non-parameter operand.
+      if isinstance(other, (Scaled, ParamView)):
+        raise _Stop("scaled along a batch dimension of a product with a parameter")
+      kept = [d for d in dims if d not in contract[side]]
+      order = list(batch[side]) + free[side]
+      positions = list(range(len(batch[side]))) + list(
+          range(free_pos[side], free_pos[side] + len(free[side])))
+      out_units = _place(np.transpose(per_kept, [kept.index(d) for d in order]), positions,
+                         out_shape).copy()
+      continue
     if (per_contract is None and per_free is None) or (on_contract and on_free):
       raise _Stop("contracted in a way that mixes units")
     if on_contract:
