@@ -366,6 +366,12 @@ def _check_leaf(path: str, leaves: Mapping[str, Any], group: Group):
   if path not in leaves:
     close = [p for p in leaves if p.split("/")[-1] == path.split("/")[-1]]
     hint = f" Parameters with the same name: {_paths.describe_paths(close)}." if close else ""
+    if path.rsplit("/", 1)[-1] in ("mean", "var"):
+      hint += (" It looks like a BatchNorm running statistic: the graph was traced in eval "
+               "mode with the batch statistics as leaves. To train only the params (e.g. "
+               "nnx.Optimizer(model, tx, wrt=nnx.Param)), trace the model in train mode "
+               "with the params alone: units feeding a BatchNorm are then left out and its "
+               "scale and bias produce the next units, so no statistic moves.")
     raise ValueError(
         f"Group {group.label}: parameter path {path!r} is not in the params pytree."
         f"{hint} Paths are '/'-joined keys of the tree passed to balance (for Linen, "
