@@ -319,6 +319,7 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     if params is None:
       raise ValueError("enorm needs the current params: call "
                        "tx.update(grads, state, params).")
+    graph.validate(params)  # at trace time: clear errors before anything reads a path
     outermost.check_unchanged(state.applied, params, active=state.count > 0)
     unit_scales = state.unit_scales
     inner_updates, inner_state = inner.update(
