@@ -51,7 +51,7 @@ def interleaved_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], reps: int
 
 def paper_models(quick: bool):
   """(name, model, input shape) for the paper's architectures at benchmark shapes."""
-  from experiments.models import CifarNV, FullyConnected, ResNet18C
+  from enorm_jax.models import CifarNV, FullyConnected, ResNet18C
   models = [("FC-15", FullyConnected(depth=15), (1, 3072)),
             ("CIFAR-NV", CifarNV(), (1, 28, 28, 3)),
             ("ResNet-18C", ResNet18C(), (1, 224, 224, 3))]

@@ -22,7 +22,7 @@ import enorm_jax
 from benchmarks import _common
 from enorm_jax import _paths
 from experiments.appendix_a import unbalanced_network
-from experiments.models import ResNet18C
+from enorm_jax.models import ResNet18C
 
 
 def float64_energy(params, graph) -> float:

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import enorm_jax
 from benchmarks import _common
 from enorm_jax._paths import leaves_by_path, map_with_path_str
-from experiments.models import ResNet50
+from enorm_jax.models import ResNet50
 
 
 # Factors are 1 + _NUDGE * (sums of the reads): 1.0 in value, but XLA cannot

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 import enorm_jax
-from experiments.models import ResNet18C
+from enorm_jax.models import ResNet18C
 
 PEAK_TFLOPS = {"A100 (bf16)": 312.0, "A100 (tf32)": 156.0, "V100 (fp16)": 125.0,
                "TPU v4 chip (bf16)": 275.0}

@@ -23,7 +23,7 @@ import optax
 
 import enorm_jax
 from benchmarks import _common
-from experiments.models import CifarNV, FullyConnected, ResNet18C
+from enorm_jax.models import CifarNV, FullyConnected, ResNet18C
 
 VARIANTS = ("plain", "enorm", "enorm_parallel", "bn", "gn", "bound", "bound_params")
 CONFIGS = [("FC-15", lambda **kw: FullyConnected(depth=15, **kw), (256, 3072), 256),

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 import enorm_jax
 from benchmarks import _common
-from experiments.models import ResNet18C, ResNet50
+from enorm_jax.models import ResNet18C, ResNet50
 
 
 def main():

@@ -20,7 +20,7 @@ import numpy as np
 
 import enorm_jax
 from benchmarks import _common
-from experiments.models import CifarNV, FullyConnected
+from enorm_jax.models import CifarNV, FullyConnected
 
 
 def torch_cycle(torch, kernels, biases, c=1.0):

@@ -40,7 +40,7 @@ import numpy as np
 import enorm_jax
 from benchmarks import _common
 from enorm_jax.balance import _sum_leading
-from experiments.models import ResNet18C
+from enorm_jax.models import ResNet18C
 
 
 def _has_taps(w) -> bool:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import enorm_jax
-from experiments.models import ResNet18C
+from enorm_jax.models import ResNet18C
 
 _OUT = flags.DEFINE_string("out_dir", "experiments/results", "Where to write figures.")
 _CYCLES = flags.DEFINE_integer("cycles", 50, "ENorm cycles for Figure 9.")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import enorm_jax
-from experiments.models import CifarNV, FullyConnected, ResNet18C
+from enorm_jax.models import CifarNV, FullyConnected, ResNet18C
 from tests import reference
 
 balance_jit = jax.jit(enorm_jax.balance,

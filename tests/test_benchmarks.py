@@ -52,7 +52,7 @@ def test_read_then_write_scales_every_weight_by_one_common_factor():
 
 
 def test_read_twice_then_write_reads_shared_kernels_again_and_keeps_values():
-  from experiments.models import FullyConnected
+  from enorm_jax.models import FullyConnected
   model = FullyConnected(depth=2, width=8)
   params = model.init(jax.random.key(0), jnp.ones((1, 3072)))["params"]
   graph = model.rescaling_graph(params)
@@ -64,7 +64,7 @@ def test_read_twice_then_write_reads_shared_kernels_again_and_keeps_values():
 
 
 def test_per_unit_write_scales_each_kernel_along_its_unit_axes(monkeypatch):
-  from experiments.models import FullyConnected
+  from enorm_jax.models import FullyConnected
   model = FullyConnected(depth=2, width=8)
   params = model.init(jax.random.key(0), jnp.ones((1, 3072)))["params"]
   graph = model.rescaling_graph(params)
@@ -153,7 +153,7 @@ def test_interleaved_timing_rotates_which_step_comes_first():
 
 def test_step_breakdown_profiles_both_steps_and_finds_enorm_only_operations():
   from benchmarks import breakdown
-  from experiments.models import FullyConnected
+  from enorm_jax.models import FullyConnected
   record = breakdown.step_record(
       "tiny", lambda **kw: FullyConnected(depth=2, width=8, **kw), (4, 3072), calls=1)
   assert record["plain_thread_ms"] > 0 and record["enorm_thread_ms"] > 0
@@ -167,7 +167,7 @@ def test_step_breakdown_profiles_both_steps_and_finds_enorm_only_operations():
 def test_write_variants_match_the_library_and_leave_it_unpatched():
   import sys
   from benchmarks import write
-  from experiments.models import CifarNV
+  from enorm_jax.models import CifarNV
   module = sys.modules["enorm_jax.balance"]
   divide = module._divide
   model = CifarNV()

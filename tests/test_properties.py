@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import enorm_jax
-from experiments.models import ResNet18C
+from enorm_jax.models import ResNet18C
 
 settings.register_profile("ci", max_examples=4, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])

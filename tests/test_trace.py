@@ -9,7 +9,7 @@ from flax import nnx
 
 import enorm_jax
 from enorm_jax import Entry, Group, RescalingGraph, _paths
-from experiments.models import CifarNV, FullyConnected, ResNet18C
+from enorm_jax.models import CifarNV, FullyConnected, ResNet18C
 
 KEY = jax.random.key(0)
 

@@ -31,7 +31,7 @@ import optax
 from absl import app, flags
 
 import enorm_jax
-from experiments import models
+from enorm_jax import models
 from experiments.cifar10 import input_pipeline
 from experiments.cifar10.configs import fc
 

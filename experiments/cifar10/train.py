@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from experiments import models
+from enorm_jax import models
 from experiments.cifar10 import input_pipeline
 from experiments.common import methods, trainer
 from experiments.common.methods import METHODS  # noqa: F401  (re-exported)

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments import models
+from enorm_jax import models
 from experiments.common import methods, trainer
 from experiments.imagenet import input_pipeline
 from experiments.imagenet.configs.default import WEIGHT_DECAY

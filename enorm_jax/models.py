@@ -1,4 +1,6 @@
-"""The paper's three architectures as Flax Linen modules, with their rescaling graphs.
+"""The paper's architectures as Flax Linen modules, with their rescaling graphs.
+
+    from enorm_jax.models import FullyConnected, CifarNV, ResNet18C
 
 * `FullyConnected`: 3072 -> 500, ``depth`` layers of 500 x 500, then 500 -> 10 (§6.1).
 * `CifarNV`: the fully convolutional CIFAR-NV net of §6.2, official layout.
@@ -19,8 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-import enorm_jax
-from enorm_jax import Entry, Group, RescalingGraph
+from enorm_jax.graph import Entry, Group, RescalingGraph, chain_graph
 
 NORMS = ("none", "batch", "group")
 xavier = nn.initializers.xavier_uniform()
@@ -92,7 +93,7 @@ class FullyConnected(nn.Module):
 
   def rescaling_graph(self, params) -> RescalingGraph:
     _require_plain(self)
-    return enorm_jax.chain_graph(params, self.layer_names)
+    return chain_graph(params, self.layer_names)
 
 
 def _max_pool(x):
@@ -142,7 +143,7 @@ class CifarNV(nn.Module):
 
   def rescaling_graph(self, params) -> RescalingGraph:
     _require_plain(self)
-    return enorm_jax.chain_graph(params, self.layer_names)
+    return chain_graph(params, self.layer_names)
 
 
 class BasicBlockC(nn.Module):
