@@ -39,7 +39,7 @@ import numpy as np
 
 import enorm_jax
 from benchmarks import _common
-from enorm_jax.balance import _sum_leading
+from enorm_jax.balance import sum_leading
 from enorm_jax.models import ResNet18C
 
 
@@ -53,7 +53,7 @@ WRITES = {
     "factor_matrix": lambda w, a_in, a_out: w * (a_out / a_in[:, None]),
 }
 TAP_SUMS = {
-    "taps_slices": lambda w: _sum_leading(w * w, 2),
+    "taps_slices": lambda w: sum_leading(w * w, 2),
     "taps_reduce": lambda w: jnp.sum((w * w).reshape(-1, *w.shape[2:]), axis=0),
     "taps_matvec": lambda w: jnp.ones(w.shape[0] * w.shape[1], w.dtype)
                              @ (w * w).reshape(w.shape[0] * w.shape[1], -1),
@@ -105,7 +105,7 @@ def steps(params, graph):
     out[name] = (lambda ls, read=read: (jax.block_until_ready(read(ls)), ls)[1], convs)
   cycle = lambda p: enorm_jax.balance(p, graph, schedule="parallel")[0]
   out["cycle"] = (_compiled(cycle, params), copy())
-  with _swapped("_divide", lambda x, t: x / t):
+  with _swapped("divide", lambda x, t: x / t):
     out["cycle_plain_division"] = (_compiled(cycle, params), copy())
   return out
 

@@ -1,6 +1,13 @@
 """enorm_jax: Equi-normalization (ENorm) for JAX, Flax and optax."""
 
-from enorm_jax.balance import balance, energy, rescale, rescale_gradients, rescale_second_moments
+from enorm_jax.balance import (
+    FIRST_MOMENT,
+    PARAM_COPY,
+    SECOND_MOMENT,
+    balance,
+    energy,
+    rescale,
+)
 from enorm_jax.baselines import (
     implicit_energy,
     init_log_scales,
@@ -14,9 +21,6 @@ from enorm_jax.trace import RULES as TRACE_RULES
 from enorm_jax.trace import TraceReport, register_rule, trace_graph
 from enorm_jax.transform import (
     DEFAULT_STATE_ROLES,
-    FIRST_MOMENT,
-    PARAM_COPY,
-    SECOND_MOMENT,
     EnormState,
     enorm,
     rescale_optimizer_state,
@@ -47,9 +51,7 @@ __all__ = [
     "path_sgd",
     "register_rule",
     "rescale",
-    "rescale_gradients",
     "rescale_optimizer_state",
-    "rescale_second_moments",
     "scale_by_path_norm",
     "trace_graph",
 ]

@@ -66,7 +66,7 @@ def _unit_reduce(x: jax.Array, r: ResolvedEntry, size: int, op=jnp.sum) -> jax.A
   others = tuple(a for a in range(len(r.view)) if a not in r.axes)
   leading = next(i for i in range(len(r.view) + 1) if i not in others)
   if op is jnp.sum and 1 < math.prod(r.view[:leading]) <= _MAX_SLICES:
-    x = _sum_leading(x, leading)
+    x = sum_leading(x, leading)
   return _to_units(op(x, axis=others) if others else x, r, size)
 
 
@@ -127,14 +127,14 @@ def _inverse_parts(t: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @jax.jit  # so that eager calls get the fused multiply-add too (inlined under jit)
-def _divide(x: jax.Array, t: jax.Array) -> jax.Array:
+def divide(x: jax.Array, t: jax.Array) -> jax.Array:
   """``x / t``, correctly rounded (XLA contracts the sum into one fused multiply-add)."""
   down, corr = _inverse_parts(t)
   return x * down + x * corr
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
   """Per-leaf list of (group index, entry, sign): sign +1 multiplies, -1 divides."""
 
   groups: tuple[ResolvedGroup, ...]
@@ -145,7 +145,7 @@ class _Plan:
     return self.by_leaf[path][0][1].shape
 
   @classmethod
-  def build(cls, graph: RescalingGraph, leaves: dict[str, Any]) -> _Plan:
+  def build(cls, graph: RescalingGraph, leaves: dict[str, Any]) -> Plan:
     groups = require_graph(graph).resolve(leaves)
     by_leaf: dict[str, list] = {}
     for gi, g in enumerate(groups):
@@ -160,7 +160,7 @@ class _Plan:
     """``x`` times the factor of every entry on ``path``, raised to ``power``.
 
     With ``exact`` (for values that are written back), dividing (exponent -1)
-    is correctly rounded (`_divide`); norms use XLA's faster division.
+    is correctly rounded (`divide`); norms use XLA's faster division.
     ``signs`` selects multiplying (+1) and/or dividing (-1) entries.
     """
     shape = x.shape
@@ -175,7 +175,7 @@ class _Plan:
       if exponent == 1:
         x = x * m
       elif exponent == -1:
-        x = _divide(x, m) if exact else x / m
+        x = divide(x, m) if exact else x / m
       else:
         x = x * m ** exponent
     return x.reshape(shape)
@@ -191,7 +191,7 @@ class _Plan:
     return tuple(jnp.asarray(s, jnp.float32) for s in scales)
 
 
-def _log_unit_sums(plan: _Plan, current, entries, size: int, p) -> jax.Array:
+def _log_unit_sums(plan: Plan, current, entries, size: int, p) -> jax.Array:
   """log(sum |w|^p) per unit, safe from underflow and overflow (max-rescaled)."""
   total = None
   for r in entries:
@@ -211,7 +211,7 @@ _MIN_STAT_REDUCTION = 2
 _MAX_SLICES = 64
 
 
-def _sum_leading(x: jax.Array, count: int) -> jax.Array:
+def sum_leading(x: jax.Array, count: int) -> jax.Array:
   """Sums the ``count`` leading axes of ``x`` (at most `_MAX_SLICES` elements).
 
   XLA:CPU reduces leading axes slowly when many minor elements are kept (20x
@@ -225,7 +225,7 @@ def _sum_leading(x: jax.Array, count: int) -> jax.Array:
   return parts[0].reshape((1,) * count + kept)
 
 
-def _leaf_stats(plan: _Plan, work: dict, p, dense: bool) -> dict[str, jax.Array]:
+def _leaf_stats(plan: Plan, work: dict, p, dense: bool) -> dict[str, jax.Array]:
   """Per-leaf sums of |w|^p over the axes no entry touches (keepdims, view shape).
 
   Norms under any scales only need these: a leaf's entries multiply along their
@@ -248,13 +248,13 @@ def _leaf_stats(plan: _Plan, work: dict, p, dense: bool) -> dict[str, jax.Array]
     if taps > _MAX_SLICES:
       continue
     if count and taps >= _MIN_STAT_REDUCTION:
-      stats[path] = _sum_leading(_abs_pow(work[path].reshape(view), p), count)
+      stats[path] = sum_leading(_abs_pow(work[path].reshape(view), p), count)
     elif dense and len(view) >= 2:
       stats[path] = _abs_pow(work[path].reshape(view), p)
   return stats
 
 
-def _weighted_unit_sums(plan: _Plan, r: ResolvedEntry, stat: jax.Array, t: Scales, p,
+def _weighted_unit_sums(plan: Plan, r: ResolvedEntry, stat: jax.Array, t: Scales, p,
                         size: int) -> jax.Array:
   """Unit sums of ``stat`` (sums of |w|^p) for entry ``r`` under the current scales.
 
@@ -284,7 +284,7 @@ def _weighted_unit_sums(plan: _Plan, r: ResolvedEntry, stat: jax.Array, t: Scale
   return _to_units(s * jnp.reshape(post, s.shape), r, size)  # r itself is in weights
 
 
-def _group_sums(plan: _Plan, gi: int, work: dict, stats: dict, t: Scales, p,
+def _group_sums(plan: Plan, gi: int, work: dict, stats: dict, t: Scales, p,
                 include_biases: bool) -> tuple[jax.Array, jax.Array]:
   """Per-unit sums of |w|^p over group ``gi``'s incoming and outgoing weights."""
   g = plan.groups[gi]
@@ -316,7 +316,7 @@ def _updated(t: Scales, factors: dict[int, jax.Array]) -> Scales:
   return tuple(t[i] * factors[i] if i in factors else t[i] for i in range(len(t)))
 
 
-def _careful_factor(plan: _Plan, gi: int, work: dict, stats: dict, t: Scales, p, c,
+def _careful_factor(plan: Plan, gi: int, work: dict, stats: dict, t: Scales, p, c,
                     include_biases: bool) -> jax.Array:
   """Group ``gi``'s factor, with its norms in log space if their sums are unsafe."""
   g = plan.groups[gi]
@@ -395,7 +395,7 @@ def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.
   check_hyperparams(p, c, cycles, schedule)
   paths, leaves, treedef = _leaves(params)
   by_path = dict(zip(paths, leaves))
-  plan = _Plan.build(graph, by_path)
+  plan = Plan.build(graph, by_path)
   work = {path: jnp.asarray(by_path[path]).astype(jnp.float32) for path in plan.by_leaf}
   if schedule == "parallel":
     phases = graph.phases
@@ -438,44 +438,64 @@ def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.
   return jax.tree_util.tree_unflatten(treedef, new_leaves), scales
 
 
+# How a params-shaped buffer transforms when its parameter is multiplied by s:
+# it is multiplied by s**power. Optimizer-state roles and `rescale` powers alike.
+FIRST_MOMENT, SECOND_MOMENT, PARAM_COPY = -1, -2, 1
+
+
 def rescale(tree: Any, scales: Sequence[jax.Array], graph: RescalingGraph, *,
-            power: int = 1, signs: tuple[int, ...] = (1, -1)) -> Any:
+            power: int = PARAM_COPY) -> Any:
   """Applies given per-group ``scales`` to a params-shaped tree.
 
-  With ``power=1`` this rescales parameters exactly as `balance` does. A
-  buffer on a parameter that was multiplied by ``s`` transforms as ``s**power``:
-  ``power=-1`` for gradients and first moments (see `rescale_gradients`),
-  ``power=-2`` for second moments (see `rescale_second_moments`), ``power=1``
-  for parameter copies (EMA, slow weights). Leaves outside the graph are
-  returned untouched; dtypes are preserved. ``signs=(1,)`` applies only the
-  multiplying side (producers, biases, carried), ``(-1,)`` only consumers.
+  A buffer on a parameter that was multiplied by ``s`` transforms as
+  ``s**power``: ``PARAM_COPY`` (+1) rescales parameters exactly as `balance`
+  does (and EMA or slow-weight copies), ``FIRST_MOMENT`` (-1) gradients and
+  first moments, ``SECOND_MOMENT`` (-2) second moments. Leaves outside the
+  graph are returned untouched; dtypes are preserved; divisions are correctly
+  rounded.
+
+  Args:
+    tree: a pytree with the params' structure (params, gradients, a moment).
+    scales: one float array of factors per group, as returned by `balance`.
+    graph: the `RescalingGraph` the scales belong to.
+    power: ``PARAM_COPY``, ``FIRST_MOMENT``, ``SECOND_MOMENT`` or another int.
+
+  Returns:
+    The rescaled tree.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import enorm_jax
+    >>> mlp = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> params = mlp.init(jax.random.key(0), jnp.ones((1, 3)))['params']
+    >>> graph = enorm_jax.chain_graph(params, ['layers_0', 'layers_2'])
+    >>> balanced, scales = enorm_jax.balance(params, graph, cycles=5)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> at_balanced = enorm_jax.rescale(grads, scales, graph, power=enorm_jax.FIRST_MOMENT)
+    >>> bool(jnp.allclose(at_balanced['layers_0']['kernel'], 1 / scales[0]))
+    True
+
+  References:
+    Stock et al., `Equi-normalization of Neural Networks
+    <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, eq. (10).
   """
-  return _rescale(tree, scales, graph, power=power, signs=signs, exact=True)
+  return rescale_tree(tree, scales, graph, power=power, exact=True)
 
 
-def _rescale(tree, scales, graph, *, power=1, signs=(1, -1), exact=True):
-  """`rescale`; ``exact=False`` divides the fast way (for differentiated uses)."""
+def rescale_tree(tree, scales, graph, *, power=1, signs=(1, -1), exact=True):
+  """`rescale`, with ``signs`` selecting the multiplying side (+1: producers,
+  biases, carried) and/or the dividing side (-1: consumers), and ``exact=False``
+  dividing the fast way (for differentiated uses)."""
   if not isinstance(power, numbers.Integral):
     raise TypeError(f"power must be an int, got {power!r}.")
   paths, leaves, treedef = _leaves(tree)
-  plan = _Plan.build(graph, dict(zip(paths, leaves)))
+  plan = Plan.build(graph, dict(zip(paths, leaves)))
   t = plan.check_scales(scales)
   new_leaves = [
       plan.scale(path, jnp.asarray(leaf).astype(jnp.float32), t, power, signs,
                  exact=exact).astype(leaf.dtype)
       if path in plan.by_leaf else leaf for path, leaf in zip(paths, leaves)]
   return jax.tree_util.tree_unflatten(treedef, new_leaves)
-
-
-def rescale_gradients(tree: Any, scales: Sequence[jax.Array], graph: RescalingGraph) -> Any:
-  """`rescale` for gradient-like trees: divides where params were multiplied."""
-  return rescale(tree, scales, graph, power=-1)
-
-
-def rescale_second_moments(tree: Any, scales: Sequence[jax.Array],
-                           graph: RescalingGraph) -> Any:
-  """`rescale` for second moments: divides by the squared factors."""
-  return rescale(tree, scales, graph, power=-2)
 
 
 def energy(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.0,
@@ -490,9 +510,33 @@ def energy(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.0
   the plain ``sum_k ||W_k||_p^p``. Carried entries (e.g. BatchNorm running
   means) and parameters outside the graph are not counted.
 
+  Args:
+    params: the parameter pytree the graph's paths point into.
+    graph: the `RescalingGraph`.
+    p: the norm exponent, > 0.
+    c: the asymmetric scaling factor, > 0.
+    include_biases: whether the producers' biases count.
+
+  Returns:
+    The energy, a float32 scalar.
+
   Raises:
     ValueError: if ``c != 1`` and the graph has no consistent heights (e.g. a
       type-C ResNet block, whose skip spans two layers).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import enorm_jax
+    >>> params = {'a': {'kernel': jnp.full((2, 3), 2.0)}, 'b': {'kernel': jnp.ones((3, 1))}}
+    >>> graph = enorm_jax.chain_graph(params, ['a', 'b'])
+    >>> float(enorm_jax.energy(params, graph))  # 6 * 2**2 + 3 * 1**2
+    27.0
+    >>> float(enorm_jax.energy(params, graph, c=2.0))  # layer a one level up: c**2 * 24 + 3
+    99.0
+
+  References:
+    Stock et al., `Equi-normalization of Neural Networks
+    <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, eq. (6).
   """
   check_hyperparams(p, c)
   by_path = _paths.leaves_by_path(params)

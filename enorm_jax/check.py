@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from enorm_jax import _paths
-from enorm_jax.balance import rescale
+from enorm_jax.balance import rescale, rescale_tree
 from enorm_jax.graph import RescalingGraph, require_graph
 
 
@@ -100,6 +100,22 @@ def check_graph(apply_fn: Callable[..., Any], params: Any, graph: RescalingGraph
 
   Raises:
     ValueError: naming each offending group with its producers and consumers.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import enorm_jax
+    >>> mlp = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> x = jax.random.normal(jax.random.key(1), (16, 4))
+    >>> params = mlp.init(jax.random.key(0), x)['params']
+    >>> apply = lambda p, x: mlp.apply({'params': p}, x)
+    >>> report = enorm_jax.check_graph(apply, params, enorm_jax.trace_graph(apply, params, x), x)
+    >>> report.max_error < 1e-6
+    True
+
+  References:
+    Stock et al., `Equi-normalization of Neural Networks
+    <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, §3.1 (the rescaling
+    symmetry of ReLU networks).
   """
   require_graph(graph).validate(params)
   key = jax.random.key(seed)
@@ -126,7 +142,7 @@ def check_graph(apply_fn: Callable[..., Any], params: Any, graph: RescalingGraph
 
   # Dead units: the output does not depend on scaling their activations.
   def producer_scaled(log_scales):
-    out = f(rescale(params, tuple(jnp.exp(s) for s in log_scales), graph, signs=(1,)))
+    out = f(rescale_tree(params, tuple(jnp.exp(s) for s in log_scales), graph, signs=(1,)))
     return sum(jnp.sum(o * w) for o, w in zip(jax.tree.leaves(out), weights))
 
   weights = [jax.random.normal(jax.random.fold_in(key, 2 + i), o.shape, o.dtype)

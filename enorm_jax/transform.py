@@ -1,6 +1,5 @@
 """`enorm`: an optax wrapper that balances the params after every inner step."""
 
-from __future__ import annotations
 
 import numbers
 import warnings
@@ -13,13 +12,12 @@ import optax
 from jax import lax
 
 from enorm_jax import _paths, outermost
-from enorm_jax.balance import Scales, _Plan, balance, check_hyperparams
+from enorm_jax.balance import (FIRST_MOMENT, PARAM_COPY, SECOND_MOMENT, Plan, Scales, balance,
+                               check_hyperparams)
 from enorm_jax.graph import RescalingGraph, require_graph
 
-# How a params-shaped optimizer buffer transforms when its parameter is
-# multiplied by s: the buffer is multiplied by s**power. Keyed by the name of
-# the state field that holds the params-shaped tree.
-FIRST_MOMENT, SECOND_MOMENT, PARAM_COPY = -1, -2, 1
+# The power (`FIRST_MOMENT`, `SECOND_MOMENT`, `PARAM_COPY`) of each params-shaped
+# state field, keyed by the name of the field that holds the tree.
 DEFAULT_STATE_ROLES: Mapping[str, int] = {
     # gradients and first moments: g -> g / s
     "trace": FIRST_MOMENT,      # optax.trace / sgd(momentum=...)
@@ -92,9 +90,9 @@ class EnormState(NamedTuple):
   ``check_applied`` a fingerprint of the params the last update made."""
 
   count: jax.Array  # int32, number of updates so far
-  inner_state: optax.OptState
-  unit_scales: tuple[jax.Array, ...] = ()
-  applied: Mapping[str, jax.Array] = {}
+  inner_state: Any  # the inner optimizer's state
+  unit_scales: tuple = ()  # per group, float32 (unit count,)
+  applied: dict = {}  # parameter path -> float32 (3,)
 
 
 def _params_key_paths(params: Any) -> set[tuple[str, ...]]:
@@ -140,6 +138,35 @@ def rescale_optimizer_state(inner: optax.GradientTransformation, inner_state: An
   unscaled. Buffers of the parameters in ``unscaled_paths`` are left as they
   are (`enorm` keeps the biases' state in the unbalanced coordinates with
   ``bias_steps='unbalanced'``).
+
+  Args:
+    inner: the optimizer whose state this is.
+    inner_state: its state.
+    params: the params the scales were applied to (for paths and shapes).
+    scales: one factor array per group, as returned by `balance`.
+    graph: the `RescalingGraph`.
+    state_roles: field name -> power; `DEFAULT_STATE_ROLES` by default.
+    unscaled_paths: parameter paths whose buffers are left as they are.
+
+  Returns:
+    The rescaled state.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+    >>> import enorm_jax
+    >>> mlp = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> params = mlp.init(jax.random.key(0), jnp.ones((1, 3)))['params']
+    >>> graph = enorm_jax.chain_graph(params, ['layers_0', 'layers_2'])
+    >>> tx = optax.adam(1e-3)
+    >>> _, state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    >>> balanced, scales = enorm_jax.balance(params, graph, cycles=5)
+    >>> state = enorm_jax.rescale_optimizer_state(tx, state, params, scales, graph)
+    >>> bool(jnp.allclose(state[0].nu['layers_0']['kernel'], 0.001 / scales[0] ** 2))
+    True
+
+  References:
+    Stock et al., `Equi-normalization of Neural Networks
+    <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, eq. (10).
   """
   try:
     is_param = optax.tree_utils.tree_map_params(
@@ -150,7 +177,7 @@ def rescale_optimizer_state(inner: optax.GradientTransformation, inner_state: An
         "state with optax.tree_utils.tree_map_params (its init must not inspect the "
         f"values or shapes of params). Original error: {e!r}") from e
   params_paths = _params_key_paths(params)
-  plan = _Plan.build(graph, _paths.leaves_by_path(params))
+  plan = Plan.build(graph, _paths.leaves_by_path(params))
   scales = plan.check_scales(scales)
   flat_state, treedef = jax.tree_util.tree_flatten_with_path(inner_state)
   flags = jax.tree_util.tree_leaves(is_param)
@@ -306,7 +333,7 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     if not unit_scales:
       return tree
     leaves = _paths.leaves_by_path(tree)
-    plan = _Plan.build(graph, leaves)
+    plan = Plan.build(graph, leaves)
 
     def scaled(path, x):
       if path not in bias_paths or x is None:

@@ -94,8 +94,8 @@ def test_rescale_matches_balance_output():
   chex.assert_trees_all_close(enorm_jax.rescale(params, scales, graph), balanced, rtol=1e-6)
   # Gradient-like and second-moment counterparts invert and square the factors.
   ones = jax.tree.map(jnp.ones_like, params)
-  grads = enorm_jax.rescale_gradients(ones, scales, graph)
-  second = enorm_jax.rescale_second_moments(ones, scales, graph)
+  grads = enorm_jax.rescale(ones, scales, graph, power=enorm_jax.FIRST_MOMENT)
+  second = enorm_jax.rescale(ones, scales, graph, power=enorm_jax.SECOND_MOMENT)
   multiplier = enorm_jax.rescale(ones, scales, graph)
   chex.assert_trees_all_close(jax.tree.map(lambda g, m: g * m, grads, multiplier), ones,
                               rtol=1e-6)
@@ -346,7 +346,7 @@ def test_repeated_single_cycles_do_not_drift_the_function():
 
 
 def test_division_by_scales_is_correctly_rounded():
-  from enorm_jax.balance import _divide
+  from enorm_jax.balance import divide
   rng = np.random.default_rng(0)
   # Magnitudes over 2^+-115, so quotients from 2^-100 up to overflow (inf).
   x = (rng.standard_normal((1000, 66))
@@ -359,10 +359,10 @@ def test_division_by_scales_is_correctly_rounded():
     expected = x / t
   # Below 2^-100 the correction term would be subnormal (flushed to zero on CPU).
   checked = ~(np.abs(expected) < 2.0 ** -100)
-  got = np.asarray(jax.jit(_divide)(x, t))
+  got = np.asarray(jax.jit(divide)(x, t))
   np.testing.assert_array_equal(got[checked], expected[checked])
   assert np.isinf(expected).any() and np.array_equal(np.isnan(got), np.isnan(expected))
-  eager = np.asarray(_divide(x, t))  # no enclosing jit to fuse the multiply-add
+  eager = np.asarray(divide(x, t))  # no enclosing jit to fuse the multiply-add
   np.testing.assert_array_equal(eager[checked], expected[checked])
 
 

@@ -5,8 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["enorm_jax.balance", "enorm_jax.baselines", "enorm_jax.graph", "enorm_jax.trace",
-           "enorm_jax.transform"]
+MODULES = ["enorm_jax.balance", "enorm_jax.baselines", "enorm_jax.check", "enorm_jax.graph",
+           "enorm_jax.trace", "enorm_jax.transform"]
 
 
 @pytest.mark.parametrize("name", MODULES)

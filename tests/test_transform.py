@@ -108,7 +108,7 @@ def test_rescaled_momentum_equals_gradient_at_balanced_params():
   balanced, scales = enorm_jax.balance(params, graph, cycles=3)
   grads = jax.grad(loss_fn)(params, x, y)
   grads_at_balanced = jax.grad(loss_fn)(balanced, x, y)
-  chex.assert_trees_all_close(enorm_jax.rescale_gradients(grads, scales, graph),
+  chex.assert_trees_all_close(enorm_jax.rescale(grads, scales, graph, power=enorm_jax.FIRST_MOMENT),
                               grads_at_balanced, rtol=1e-4, atol=1e-7)
 
 
