@@ -13,9 +13,15 @@ step ``lr * |g| / |w|`` on kernel and bias, and the spread of ENorm's factors
 * ``bias_in_norm``: the same with ``include_biases=True`` (§3.5).
 * ``bias_no_decay``: ``bias`` without weight decay on the biases.
 * ``bias_c1``: ``bias`` with c = 1 instead of ``--c``.
+* ``bias_unbalanced_steps``: ``bias`` with the biases stepped in unbalanced
+  coordinates.
 * ``no_bias``: a net without biases (the official code's nets).
 
-Writes ``<results_dir>/bias_dynamics_depth<D>_c<C>.json`` and prints a summary.
+Writes ``<results_dir>/bias_dynamics_depth<D>_c<C>.json`` and ``.png`` (``--plot_only``
+redraws the figure from the JSON) and prints a summary. ``bias_unbalanced_steps``
+multiplies the bias gradients by ``S**2`` (``S``: the unit's accumulated ENorm
+factor), which for SGD without momentum is what
+``enorm_jax.enorm(..., bias_steps='unbalanced')`` does.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ _STEPS = flags.DEFINE_integer("steps", 200, "Steps per variant.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Any of {VARIANTS}.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "../shared/data/cifar10", "ImageFolder dir.")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Output folder.")
+_PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only redraw the figure from the JSON.")
 
 
 def variant_setup(variant: str, depth: int, c: float, lr: float, seed: int = 0):
@@ -134,7 +141,8 @@ def run_variant(variant, depth, c, lr, steps, ds, config):
         params, opt_state, log_unit_scale, batch["image"], batch["label"])
     loss = float(loss)
     record["losses"].append(loss if math.isfinite(loss) else None)
-    record["stats"].append({k: np.asarray(v).tolist() for k, v in stats.items()})
+    record["stats"].append({k: [float(f"{x:.4g}") for x in np.asarray(v).tolist()]
+                            for k, v in stats.items()})
     if not math.isfinite(loss):
       record["first_nonfinite_step"] = i + 1
       break
@@ -157,8 +165,39 @@ def summary(record) -> str:
   return line
 
 
+def plot(records, path, layer: int = 8) -> None:
+  """Loss, and one middle layer's bias-to-signal ratio and active fraction, per step."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for r in records:
+    steps = range(1, len(r["stats"]) + 1)
+    label = f"{r['variant']} (c={r['c']:g})"
+    axes[0].plot(steps, [x if x is not None else float("nan") for x in r["losses"]],
+                 label=label)
+    ratio = [s["bias_rms"][layer] / max(s["input_rms"][layer], 1e-30) for s in r["stats"]]
+    axes[1].plot(steps, ratio, label=label)
+    axes[2].plot(steps, [s["active"][layer] for s in r["stats"]], label=label)
+  axes[0].set(yscale="log", xlabel="step", ylabel="training loss", ylim=(1.5, 1e3))
+  axes[1].set(yscale="log", xlabel="step",
+              ylabel=f"Dense_{layer}: RMS(bias) / RMS(x @ W)")
+  axes[2].set(xlabel="step", ylabel=f"Dense_{layer}: fraction of active units")
+  axes[0].legend(fontsize=7)
+  fig.suptitle(f"FC-{records[0]['depth']}, SGD lr {records[0]['lr']:g}, CIFAR-10")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv):
   del argv
+  path = os.path.join(_RESULTS_DIR.value,
+                      f"bias_dynamics_depth{_DEPTH.value}_c{_C.value:g}.json")
+  if _PLOT_ONLY.value:
+    with open(path) as f:
+      plot(json.load(f), path.replace(".json", ".png"))
+    return
   config = fc.get_config()
   config.data_dir = _DATA_DIR.value
   ds = input_pipeline.load(config)
@@ -166,10 +205,9 @@ def main(argv):
              for v in _VARIANTS.value]
   for r in records:
     print(summary(r))
-  path = os.path.join(_RESULTS_DIR.value,
-                      f"bias_dynamics_depth{_DEPTH.value}_c{_C.value:g}.json")
   with open(path, "w") as f:
-    json.dump(records, f)
+    json.dump(records, f, separators=(",", ":"))
+  plot(records, path.replace(".json", ".png"))
   print("wrote", path)
 
 
