@@ -17,8 +17,8 @@ from enorm_jax.baselines import (
 )
 from enorm_jax.check import CheckReport, check_graph
 from enorm_jax.graph import Entry, Group, RescalingGraph, chain_graph
-from enorm_jax.trace import RULES as TRACE_RULES
-from enorm_jax.trace import TraceReport, register_rule, trace_graph
+from enorm_jax.trace import TraceReport, explain_graph, trace_graph
+from enorm_jax.trace_core import ParamView, Scaled, Tracer, TraceStop, register_rule
 from enorm_jax.transform import (
     DEFAULT_STATE_ROLES,
     EnormState,
@@ -33,17 +33,21 @@ __all__ = [
     "FIRST_MOMENT",
     "PARAM_COPY",
     "SECOND_MOMENT",
-    "TRACE_RULES",
     "CheckReport",
     "EnormState",
     "Entry",
     "Group",
     "RescalingGraph",
+    "ParamView",
+    "Scaled",
     "TraceReport",
+    "TraceStop",
+    "Tracer",
     "balance",
     "chain_graph",
     "check_graph",
     "energy",
+    "explain_graph",
     "enorm",
     "implicit_energy",
     "init_log_scales",

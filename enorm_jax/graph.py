@@ -327,7 +327,7 @@ def require_graph(graph: Any, argument: str = "graph") -> RescalingGraph:
     return graph
   if isinstance(getattr(graph, "graph", None), RescalingGraph):
     raise TypeError(f"{argument} must be a RescalingGraph, got a {type(graph).__name__} "
-                    f"(from trace_graph(..., explain=True)): pass report.graph.")
+                    f"(from explain_graph): pass report.graph.")
   hint = ""
   if isinstance(graph, (list, tuple)):
     hint = (" A sequence here is usually the per-group scales: check the argument order "

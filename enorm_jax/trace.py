@@ -15,8 +15,8 @@ parameter slice that produces, consumes or carries units, or units that must be
 dropped because an op does not commute with positive per-unit scaling. Units tied
 by a residual add are merged (union-find). Unknown primitives stop every unit they
 touch, so the tracer may miss a valid group but does not return a wrong one.
-Rules live in `RULES`, keyed by primitive name (the built-in ones are in
-`enorm_jax.trace_rules`); `register_rule` adds more.
+The built-in rules are in `enorm_jax.trace_rules`; `register_rule` adds more
+(`enorm_jax.trace_core` documents the tags a rule sees).
 """
 
 from __future__ import annotations
@@ -35,129 +35,9 @@ import numpy as np
 from jax.extend import core as jcore
 
 from enorm_jax import _paths
+from enorm_jax import trace_rules  # noqa: F401  (registers the built-in rules)
 from enorm_jax.graph import Entry, Group, RescalingGraph
-
-UNSCALED = -1
-
-
-@dataclasses.dataclass
-class Scaled:
-  units: np.ndarray  # int64, shape of the value; -1 where not scaled
-
-
-@dataclasses.dataclass
-class ParamView:
-  path: str
-  index: np.ndarray  # int64, shape of the value: flat index into the leaf, -1: none
-
-
-class _Stop(Exception):
-  """Raised by a rule: the op does not commute with scaling of its scaled inputs."""
-
-
-class Tracer:
-  """State of one abstract interpretation (events, unit union-find)."""
-
-  def __init__(self, leaf_shapes: dict[str, tuple[int, ...]]):
-    self.leaf_shapes = leaf_shapes
-    self.next_unit = 0
-    self.parent: dict[int, int] = {}
-    # (role, path) -> unit of each leaf element (-1: none), in order of first use.
-    self.leaf_units: dict[tuple[str, str], np.ndarray] = {}
-    self.unit_producer: dict[int, str] = {}
-    self.stopped: dict[int, str] = {}
-    self.tainted: dict[str, str] = {}
-    self.where = ""
-    self.primitive = ""
-
-  # --- units -------------------------------------------------------------
-  def new_units(self, n: int, producer: str) -> np.ndarray:
-    units = np.arange(self.next_unit, self.next_unit + n, dtype=np.int64)
-    for u in units:
-      self.parent[int(u)] = int(u)
-      self.unit_producer[int(u)] = producer
-    self.next_unit += n
-    return units
-
-  def find(self, u: int) -> int:
-    root = u
-    while self.parent[root] != root:
-      root = self.parent[root]
-    while self.parent[u] != root:
-      self.parent[u], u = root, self.parent[u]
-    return root
-
-  def union(self, a: np.ndarray, b: np.ndarray) -> None:
-    a, b = np.ravel(a), np.ravel(b)
-    differ = a != b
-    if not differ.any():
-      return
-    base = self.next_unit + 1
-    keys = np.unique(a[differ] * base + b[differ])
-    for x, y in zip((keys // base).tolist(), (keys % base).tolist()):
-      rx, ry = self.find(x), self.find(y)
-      if rx != ry:
-        self.parent[max(rx, ry)] = min(rx, ry)
-
-  def roots(self) -> np.ndarray:
-    """Lookup table: unit -> its class representative."""
-    return np.array([self.find(u) for u in range(self.next_unit)], np.int64)
-
-  def stop(self, units: np.ndarray, reason: str) -> None:
-    for u in np.unique(units[units >= 0]).tolist():
-      self.stopped.setdefault(int(u), f"{reason} [{self.primitive}] at {self.where}")
-
-  def taint(self, path: str, reason: str) -> None:
-    self.tainted.setdefault(path, f"{reason} [{self.primitive}] at {self.where}")
-
-  # --- events ------------------------------------------------------------
-  def record(self, role: str, view: ParamView, units: np.ndarray) -> None:
-    """Parameter elements ``view.index`` are rescaled with ``units`` in ``role``."""
-    shape = self.leaf_shapes[view.path]
-    leaf_units = np.full(int(np.prod(shape)), UNSCALED, np.int64)
-    index = np.broadcast_to(view.index, units.shape).ravel()
-    flat_units = np.ravel(units)
-    mask = (index >= 0) & (flat_units >= 0)
-    index, flat_units = index[mask], flat_units[mask]
-    leaf_units[index] = flat_units
-    # An element reached with two units (a broadcast bias, a kernel applied twice)
-    # is rescaled by both factors at once, so they must be equal: tie them.
-    self.union(leaf_units[index], flat_units)
-    key = (role, view.path)
-    if key in self.leaf_units:
-      prev = self.leaf_units[key].ravel()
-      both = (prev >= 0) & (leaf_units >= 0)
-      self.union(prev[both], leaf_units[both])
-      leaf_units = np.where(leaf_units >= 0, leaf_units, prev)
-    self.leaf_units[key] = leaf_units.reshape(shape)
-
-
-RuleFn = Callable[[Tracer, Any, list], list]
-RULES: dict[str, RuleFn] = {}
-
-
-def register_rule(primitive_name: str, rule: RuleFn) -> None:
-  """Registers ``rule(tracer, eqn, in_tags) -> out_tags`` for a primitive.
-
-  ``in_tags`` holds a `Scaled`, a `ParamView`, a ``np.ndarray`` (a known
-  constant) or ``None`` per input. Raise `TraceStop` (or return ``None`` tags
-  after calling ``tracer.stop``) when the op does not commute with positive
-  per-unit scaling of its scaled inputs.
-  """
-  RULES[primitive_name] = rule
-
-
-TraceStop = _Stop
-
-
-def _taint_all(tr, tags, what):
-  for t in tags:
-    if isinstance(t, ParamView):
-      tr.taint(t.path, f"{what}")
-    if isinstance(t, Scaled):
-      tr.stop(t.units, f"{what}")
-  return [None]
-
+from enorm_jax.trace_core import UNSCALED, ParamView, Scaled, TraceStop, Tracer, rule_for, taint_all
 
 _SUB_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
@@ -225,17 +105,17 @@ def _interpret(tr: Tracer, jaxpr, consts, in_tags) -> list:
           pass
     else:
       sub = _sub_jaxpr(eqn)
-      rule = RULES.get(eqn.primitive.name)
+      rule = rule_for(eqn.primitive.name)
       if sub is not None and rule is None:
         outs = _interpret(tr, sub[0], sub[1], tags)
       elif rule is None:
-        outs = _taint_all(tr, tags, f"pass through {eqn.primitive.name}, which has no tracer rule")
+        outs = taint_all(tr, tags, f"pass through {eqn.primitive.name}, which has no tracer rule")
         outs = [None] * len(eqn.outvars)
       else:
         try:
           outs = rule(tr, eqn, tags)
-        except _Stop as e:
-          _taint_all(tr, tags, str(e))
+        except TraceStop as e:
+          taint_all(tr, tags, str(e))
           outs = [None] * len(eqn.outvars)
     for v, t in zip(eqn.outvars, outs):
       env[v] = t
@@ -261,7 +141,7 @@ class TraceReport:
 
 
 def trace_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
-                explain: bool = False, **example_kwargs) -> RescalingGraph | TraceReport:
+                **example_kwargs) -> RescalingGraph:
   """Derives the `RescalingGraph` of ``apply_fn(params, *example_args)`` automatically.
 
   Every group of hidden units whose positive rescaling leaves the output
@@ -279,11 +159,11 @@ def trace_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
       For Linen use ``lambda p, x: model.apply({'params': p}, x)``; for NNX,
       ``lambda s, x: nnx.merge(graphdef, s)(x)`` with ``graphdef, s = nnx.split(model)``.
     *example_args: example inputs (batch size 1 is enough; only shapes matter).
-    explain: return a `TraceReport` that also lists, in words, which op stopped
-      which layer's units.
+    **example_kwargs: keyword inputs of ``apply_fn``.
 
   Returns:
-    The `RescalingGraph` (or a `TraceReport` if ``explain``).
+    The `RescalingGraph`. An empty one comes with a warning that says why;
+    `explain_graph` also returns the reason for every unit left out.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, enorm_jax
@@ -293,6 +173,36 @@ def trace_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
     ...                               jnp.ones((1, 4)))
     >>> graph.num_units
     8
+  """
+  report = explain_graph(apply_fn, params, *example_args, **example_kwargs)
+  if not report.graph.groups:
+    warnings.warn("trace_graph found no rescalable units:\n  " + "\n  ".join(report.stopped),
+                  stacklevel=2)
+  return report.graph
+
+
+def explain_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
+                  **example_kwargs) -> TraceReport:
+  """`trace_graph`, with the reason for every kernel-like parameter left out.
+
+  Args:
+    apply_fn: ``apply_fn(params, *example_args, **example_kwargs)``.
+    params: the pytree whose leaves may be rescaled.
+    *example_args: example inputs (batch size 1 is enough).
+    **example_kwargs: keyword inputs of ``apply_fn``.
+
+  Returns:
+    A `TraceReport`: ``graph``, and ``stopped``, one line per layer or parameter
+    that is not rescalable, with the op and the user's source line that stopped it.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, enorm_jax
+    >>> mlp = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(2)])
+    >>> params = mlp.init(jax.random.key(0), jnp.ones((1, 4)))['params']
+    >>> report = enorm_jax.explain_graph(lambda p, x: mlp.apply({'params': p}, x), params,
+    ...                                  jnp.ones((1, 4)))
+    >>> report.stopped[0]
+    'layers_0 outputs: pass through tanh, which has no tracer rule [tanh] at ...'
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   paths = [_paths.key_path_str(kp) for kp, _ in flat]
@@ -313,12 +223,7 @@ def trace_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
   graph, stopped = _build_graph(tr, paths)
   graph = _mark_partial(graph, shapes)
   stopped += _unaccounted(graph, stopped, tr, paths, leaves)
-  if not graph.groups and not explain:
-    warnings.warn("trace_graph found no rescalable units:\n  " + "\n  ".join(stopped),
-                  stacklevel=2)
-  if explain:
-    return TraceReport(graph, stopped)
-  return graph
+  return TraceReport(graph, stopped)
 
 
 def _build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str]]:
@@ -478,6 +383,3 @@ def _fit_entry(path, classes, n):
     return Entry(path, axis, view=view, offset=int(inside[0])), sequence
   return None
 
-
-# The built-in rules register themselves on import.
-from enorm_jax import trace_rules  # noqa: E402, F401

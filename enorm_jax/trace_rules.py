@@ -1,4 +1,4 @@
-"""The tracer's built-in rules, one per primitive (see `enorm_jax.trace`).
+"""The tracer's built-in rules, one per primitive (see `enorm_jax.trace_core`).
 
 A rule maps the input tags of one jaxpr equation to its output tags and records
 events on the `Tracer`. Ops that commute with a positive per-unit scale pass
@@ -11,14 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from enorm_jax.trace import (
-    UNSCALED,
-    ParamView,
-    Scaled,
-    _Stop,
-    _taint_all,
-    register_rule,
-)
+from enorm_jax.trace_core import UNSCALED, ParamView, Scaled, TraceStop, register_rule, taint_all
 
 
 def _rule(*names):
@@ -49,7 +42,7 @@ def _same_transform(fn):
 
 def _reshape(a, eqn, fill):
   if eqn.params.get("dimensions") is not None:
-    raise _Stop("reshape with dimensions")
+    raise TraceStop("reshape with dimensions")
   return np.reshape(a, eqn.params["new_sizes"])
 
 
@@ -92,7 +85,7 @@ for _name, _fn in (("reshape", _reshape), ("transpose", _transpose),
 def _identity(tr, eqn, tags):
   if eqn.primitive.name == "convert_element_type" and isinstance(tags[0], Scaled):
     if not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
-      raise _Stop("conversion to a non-float type")
+      raise TraceStop("conversion to a non-float type")
   return list(tags[:len(eqn.outvars)])
 
 
@@ -100,7 +93,7 @@ def _identity(tr, eqn, tags):
 def _pad(tr, eqn, tags):
   t, value = tags
   if isinstance(t, Scaled) and not _is_const(value, lambda v: np.all((v == 0) | np.isinf(v))):
-    raise _Stop("pad with a non-zero value")
+    raise TraceStop("pad with a non-zero value")
   config = eqn.params["padding_config"]
   def fn(a, fill):
     if any(interior for _, _, interior in config):
@@ -241,7 +234,7 @@ def _div(tr, eqn, tags):
 def _sign_free(tr, eqn, tags):
   t = tags[0]
   if isinstance(t, ParamView):
-    return [ParamView(t.path, t.index)] if eqn.primitive.name == "neg" else _taint_all(
+    return [ParamView(t.path, t.index)] if eqn.primitive.name == "neg" else taint_all(
         tr, tags, "abs")
   return [t if isinstance(t, Scaled) else None]
 
@@ -263,7 +256,7 @@ def _max(tr, eqn, tags):
       return [Scaled(_broadcast_to(scaled.units, out_shape))]
     tr.stop(scaled.units, f"{eqn.primitive.name} with a non-zero threshold")
     return [None]
-  return _taint_all(tr, tags, eqn.primitive.name)
+  return taint_all(tr, tags, eqn.primitive.name)
 
 
 @_rule("ge", "gt", "le", "lt", "eq", "ne")
@@ -277,7 +270,7 @@ def _compare(tr, eqn, tags):
       return [None]  # the sign of a scaled value does not change: invariant
     tr.stop(scaled.units, "compared with a non-zero threshold")
     return [None]
-  return _taint_all(tr, tags, "compared")
+  return taint_all(tr, tags, "compared")
 
 
 @_rule("sign")
@@ -290,9 +283,9 @@ def _select(tr, eqn, tags):
   pred, *cases = tags
   out_shape = _shape(eqn.outvars[0])
   if isinstance(pred, (Scaled, ParamView)):
-    raise _Stop("used as a selector")
+    raise TraceStop("used as a selector")
   if not any(isinstance(c, Scaled) for c in cases):
-    return _taint_all(tr, cases, "selected")
+    return taint_all(tr, cases, "selected")
   units = [_broadcast_to(c.units, out_shape) if isinstance(c, Scaled) else None for c in cases]
   ref = next(u for u in units if u is not None)
   for c, u in zip(cases, units):
@@ -310,7 +303,7 @@ def _reduce(tr, eqn, tags):
   t = tags[0]
   axes = tuple(eqn.params["axes"])
   if isinstance(t, ParamView):
-    return _taint_all(tr, tags, "reduced")
+    return taint_all(tr, tags, "reduced")
   if not isinstance(t, Scaled):
     return [None]
   lo, hi = t.units.min(axis=axes), t.units.max(axis=axes)
@@ -324,7 +317,7 @@ def _reduce(tr, eqn, tags):
 def _reduce_window(tr, eqn, tags):
   t = tags[0]
   if isinstance(t, ParamView):
-    return _taint_all(tr, tags, "pooled")
+    return taint_all(tr, tags, "pooled")
   if not isinstance(t, Scaled):
     return [None]
   p = eqn.params
@@ -352,9 +345,9 @@ def _dot_general(tr, eqn, tags):
           for s, c, b in zip(shapes, contract, batch)]
   free_pos = (len(lb), len(lb) + len(free[0]))  # where each side's free dims start
   if all(isinstance(t, Scaled) for t in tags):
-    return _taint_all(tr, tags, "multiplied (dot_general) by another scaled value")
+    return taint_all(tr, tags, "multiplied (dot_general) by another scaled value")
   if all(isinstance(t, ParamView) for t in tags):
-    return _taint_all(tr, tags, "multiplied by another parameter")
+    return taint_all(tr, tags, "multiplied by another parameter")
   out_units = np.full(out_shape, UNSCALED, np.int64)
   for side in (0, 1):
     t, other = tags[side], tags[1 - side]
@@ -371,7 +364,7 @@ def _dot_general(tr, eqn, tags):
       # element is a sum over one unit's values, e.g. attention weights times the
       # values, per head. Valid against an unscaled, non-parameter operand.
       if isinstance(other, (Scaled, ParamView)):
-        raise _Stop("scaled along a batch dimension of a product with a parameter")
+        raise TraceStop("scaled along a batch dimension of a product with a parameter")
       kept = [d for d in dims if d not in contract[side]]
       order = list(batch[side]) + free[side]
       positions = list(range(len(batch[side]))) + list(
@@ -380,10 +373,10 @@ def _dot_general(tr, eqn, tags):
                          out_shape).copy()
       continue
     if (per_contract is None and per_free is None) or (on_contract and on_free):
-      raise _Stop("contracted in a way that mixes units")
+      raise TraceStop("contracted in a way that mixes units")
     if on_contract:
       if not isinstance(other, ParamView) or not _is_full_view(tr, other):
-        raise _Stop("contracted with something other than a parameter kernel")
+        raise TraceStop("contracted with something other than a parameter kernel")
       act, ker = list(contract[side]), list(contract[1 - side])
       perm = [sorted(act).index(act[ker.index(k)]) for k in sorted(ker)]
       tr.record("consumer", other, _place(np.transpose(per_contract, perm), sorted(ker),
@@ -403,7 +396,7 @@ def _dot_general(tr, eqn, tags):
     new = new.reshape([kshape[d] for d in free[side]])
     tr.record("producer", kernel, _place(new, free[side], kshape))
     if (out_units >= 0).any():
-      raise _Stop("mixed with new units in a product")
+      raise TraceStop("mixed with new units in a product")
     out_units = _place(new, range(free_pos[side], free_pos[side] + len(free[side])),
                        out_shape).copy()
   return [Scaled(out_units) if (out_units >= 0).any() else None]
@@ -441,7 +434,7 @@ def _conv(tr, eqn, tags):
   lspec, rspec, ospec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
   groups = p["feature_group_count"]
   if p["batch_group_count"] != 1:
-    return _taint_all(tr, tags, "batch-grouped convolution")
+    return taint_all(tr, tags, "batch-grouped convolution")
   kshape = _shape(eqn.invars[1])
   out_shape = _shape(eqn.outvars[0])
   if isinstance(lhs, Scaled):
@@ -461,7 +454,7 @@ def _conv(tr, eqn, tags):
     kunits = _place_2d(consumed, rspec[1], rspec[0], kshape)
     tr.record("consumer", rhs, kunits)
   elif isinstance(rhs, Scaled):
-    return _taint_all(tr, tags, "convolution with a scaled kernel")
+    return taint_all(tr, tags, "convolution with a scaled kernel")
   if isinstance(rhs, ParamView) and _is_full_view(tr, rhs):
     new = tr.new_units(kshape[rspec[0]], rhs.path)
     tr.record("producer", rhs, _place(new, [rspec[0]], kshape))

@@ -100,7 +100,7 @@ def test_traced_partial_layers_are_marked_and_keep_the_function():
 def test_trace_report_or_swapped_arguments_get_a_type_error():
   model, params, names = _mlp(8)
   apply = lambda p, x: model.apply({"params": p}, x)
-  report = enorm_jax.trace_graph(apply, params, jnp.ones((1, 4)), explain=True)
+  report = enorm_jax.explain_graph(apply, params, jnp.ones((1, 4)))
   scales = [jnp.ones(8), jnp.ones(8)]
   calls = [lambda g: enorm_jax.balance(params, g), lambda g: enorm_jax.energy(params, g),
            lambda g: enorm_jax.rescale(params, scales, g),

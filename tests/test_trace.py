@@ -150,7 +150,7 @@ def test_identity_resnet_with_eval_batchnorm():
   enorm_jax.check_graph(fn, variables, graph, xs)
   # Train-mode BN: the units feeding a BN have a free scale; they are excluded.
   train_fn = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0]
-  report = enorm_jax.trace_graph(train_fn, variables, x, explain=True)
+  report = enorm_jax.explain_graph(train_fn, variables, x)
   assert report.graph.num_units < graph.num_units
   enorm_jax.check_graph(train_fn, variables, report.graph, xs)
 
@@ -181,7 +181,7 @@ def test_tanh_and_layernorm_are_reported():
   model = TanhLayerNormNet()
   x = jnp.ones((1, 4))
   params = model.init(KEY, x)["params"]
-  report = enorm_jax.trace_graph(linen_fn(model), params, x, explain=True)
+  report = enorm_jax.explain_graph(linen_fn(model), params, x)
   assert report.graph.num_units == 8
   text = report.describe()
   assert "Dense_0 outputs" in text and "tanh" in text
@@ -300,7 +300,7 @@ def test_register_rule_extends_the_tracer():
   x = jnp.ones((1, 3))
   assert enorm_jax.trace_graph(fn, params, x).num_units == 0
   # A user rule may declare an op transparent (here deliberately: `sin` is not!).
-  enorm_jax.register_rule("sin", lambda tr, eqn, tags: [tags[0]])
+  previous = enorm_jax.register_rule("sin", lambda tr, eqn, tags: [tags[0]])
   try:
     g = enorm_jax.trace_graph(lambda p, x: jnp.sin(x @ p["a"]) @ p["b"], params, x)
     assert g.num_units == 4
@@ -308,7 +308,9 @@ def test_register_rule_extends_the_tracer():
       enorm_jax.check_graph(lambda p, x: jnp.sin(x @ p["a"]) @ p["b"], params, g,
                             jax.random.normal(KEY, (3, 3)))
   finally:
-    del enorm_jax.TRACE_RULES["sin"]
+    enorm_jax.register_rule("sin", previous)
+  assert enorm_jax.trace_graph(lambda p, x: jnp.sin(x @ p["a"]) @ p["b"], params, x,
+                               ).num_units == 0
 
 
 # --- check_graph catches wrong graphs -------------------------------------------

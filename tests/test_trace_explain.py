@@ -1,4 +1,4 @@
-"""`trace_graph(explain=True)` accounts for every kernel-like parameter, with the
+"""`explain_graph` accounts for every kernel-like parameter, with the
 user's line; an empty graph says why."""
 
 import flax.linen as nn
@@ -34,7 +34,7 @@ class Mixed(nn.Module):
 
 def _explain(model, variables, x, **kwargs):
   fn = lambda v, x: model.apply(v, x, **kwargs)
-  return enorm_jax.trace_graph(fn, variables, x, explain=True)
+  return enorm_jax.explain_graph(fn, variables, x)
 
 
 def test_every_kernel_is_in_the_graph_or_explained_at_the_users_line():
@@ -91,7 +91,7 @@ def test_batchnorm_scales_with_closed_over_statistics_or_under_vmap_are_accounte
       {"params": p, "batch_stats": variables["batch_stats"]}, xi[None], train=True,
       mutable=["batch_stats"])[0])(x)
   for fn in (closed, train):
-    report = enorm_jax.trace_graph(fn, variables["params"], x, explain=True)
+    report = enorm_jax.explain_graph(fn, variables["params"], x)
     for path in ("Conv_0/kernel", "BatchNorm_0/scale", "Conv_1/kernel", "Dense_0/kernel"):
       assert _accounted(report, path), (path, report)
 

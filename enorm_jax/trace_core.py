@@ -1,0 +1,159 @@
+"""The tracer's building blocks, for `trace_graph` and for authors of tracer rules.
+
+A rule maps the input tags of one jaxpr equation to its output tags:
+
+* `Scaled`: element ``i`` is multiplied by ``d[units[i]]`` when the units are
+  rescaled (``units[i] = -1``: not scaled);
+* `ParamView`: element ``i`` is ``leaf[index[i]]`` of one parameter (reshaped,
+  broadcast, ...), possibly times unscaled factors;
+* a ``np.ndarray``: a known constant; ``None``: any other value.
+
+It records events on the `Tracer` (``record`` a parameter slice that produces,
+consumes or carries units; ``stop`` units; ``taint`` a parameter) and raises
+`TraceStop` when the op does not commute with positive per-unit scaling.
+`register_rule` adds a rule for a primitive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+UNSCALED = -1
+
+
+@dataclasses.dataclass
+class Scaled:
+  units: np.ndarray  # int64, shape of the value; -1 where not scaled
+
+
+@dataclasses.dataclass
+class ParamView:
+  path: str
+  index: np.ndarray  # int64, shape of the value: flat index into the leaf, -1: none
+
+
+class TraceStop(Exception):
+  """Raised by a rule: the op does not commute with scaling of its scaled inputs."""
+
+
+class Tracer:
+  """State of one abstract interpretation (events, unit union-find)."""
+
+  def __init__(self, leaf_shapes: dict[str, tuple[int, ...]]):
+    self.leaf_shapes = leaf_shapes
+    self.next_unit = 0
+    self.parent: dict[int, int] = {}
+    # (role, path) -> unit of each leaf element (-1: none), in order of first use.
+    self.leaf_units: dict[tuple[str, str], np.ndarray] = {}
+    self.unit_producer: dict[int, str] = {}
+    self.stopped: dict[int, str] = {}
+    self.tainted: dict[str, str] = {}
+    self.where = ""
+    self.primitive = ""
+
+  # --- units -------------------------------------------------------------
+  def new_units(self, n: int, producer: str) -> np.ndarray:
+    units = np.arange(self.next_unit, self.next_unit + n, dtype=np.int64)
+    for u in units:
+      self.parent[int(u)] = int(u)
+      self.unit_producer[int(u)] = producer
+    self.next_unit += n
+    return units
+
+  def find(self, u: int) -> int:
+    root = u
+    while self.parent[root] != root:
+      root = self.parent[root]
+    while self.parent[u] != root:
+      self.parent[u], u = root, self.parent[u]
+    return root
+
+  def union(self, a: np.ndarray, b: np.ndarray) -> None:
+    a, b = np.ravel(a), np.ravel(b)
+    differ = a != b
+    if not differ.any():
+      return
+    base = self.next_unit + 1
+    keys = np.unique(a[differ] * base + b[differ])
+    for x, y in zip((keys // base).tolist(), (keys % base).tolist()):
+      rx, ry = self.find(x), self.find(y)
+      if rx != ry:
+        self.parent[max(rx, ry)] = min(rx, ry)
+
+  def roots(self) -> np.ndarray:
+    """Lookup table: unit -> its class representative."""
+    return np.array([self.find(u) for u in range(self.next_unit)], np.int64)
+
+  def stop(self, units: np.ndarray, reason: str) -> None:
+    for u in np.unique(units[units >= 0]).tolist():
+      self.stopped.setdefault(int(u), f"{reason} [{self.primitive}] at {self.where}")
+
+  def taint(self, path: str, reason: str) -> None:
+    self.tainted.setdefault(path, f"{reason} [{self.primitive}] at {self.where}")
+
+  # --- events ------------------------------------------------------------
+  def record(self, role: str, view: ParamView, units: np.ndarray) -> None:
+    """Parameter elements ``view.index`` are rescaled with ``units`` in ``role``."""
+    shape = self.leaf_shapes[view.path]
+    leaf_units = np.full(int(np.prod(shape)), UNSCALED, np.int64)
+    index = np.broadcast_to(view.index, units.shape).ravel()
+    flat_units = np.ravel(units)
+    mask = (index >= 0) & (flat_units >= 0)
+    index, flat_units = index[mask], flat_units[mask]
+    leaf_units[index] = flat_units
+    # An element reached with two units (a broadcast bias, a kernel applied twice)
+    # is rescaled by both factors at once, so they must be equal: tie them.
+    self.union(leaf_units[index], flat_units)
+    key = (role, view.path)
+    if key in self.leaf_units:
+      prev = self.leaf_units[key].ravel()
+      both = (prev >= 0) & (leaf_units >= 0)
+      self.union(prev[both], leaf_units[both])
+      leaf_units = np.where(leaf_units >= 0, leaf_units, prev)
+    self.leaf_units[key] = leaf_units.reshape(shape)
+
+
+RuleFn = Callable[[Tracer, Any, list], list]
+_RULES: dict[str, RuleFn] = {}
+
+
+def register_rule(primitive_name: str, rule: RuleFn | None) -> RuleFn | None:
+  """Registers ``rule(tracer, eqn, in_tags) -> out_tags`` for a primitive.
+
+  ``in_tags`` holds a `Scaled`, a `ParamView`, a ``np.ndarray`` (a known
+  constant) or ``None`` per input. Raise `TraceStop` (or return ``None`` tags
+  after calling ``tracer.stop``) when the op does not commute with positive
+  per-unit scaling of its scaled inputs.
+
+  Args:
+    primitive_name: the jaxpr primitive's name, e.g. ``'tanh'``.
+    rule: the rule, or ``None`` to remove the primitive's rule.
+
+  Returns:
+    The rule registered before, or ``None`` (pass it back to restore it).
+  """
+  previous = _RULES.get(primitive_name)
+  if rule is None:
+    _RULES.pop(primitive_name, None)
+  else:
+    _RULES[primitive_name] = rule
+  return previous
+
+
+def rule_for(primitive_name: str) -> RuleFn | None:
+  """The registered rule of a primitive, or ``None``."""
+  return _RULES.get(primitive_name)
+
+
+def taint_all(tr, tags, what):
+  """Stops every scaled input and taints every parameter input; returns ``[None]``."""
+  for t in tags:
+    if isinstance(t, ParamView):
+      tr.taint(t.path, f"{what}")
+    if isinstance(t, Scaled):
+      tr.stop(t.units, f"{what}")
+  return [None]
