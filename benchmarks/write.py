@@ -39,7 +39,7 @@ import numpy as np
 
 import enorm_jax
 from benchmarks import _common
-from enorm_jax.balance import sum_leading
+from enorm_jax.plan import sum_leading
 from enorm_jax.models import ResNet18C
 
 
@@ -62,8 +62,8 @@ TAP_SUMS = {
 
 @contextlib.contextmanager
 def _swapped(name: str, replacement):
-  """Replaces ``enorm_jax.balance.<name>`` while a function is traced."""
-  module = sys.modules["enorm_jax.balance"]
+  """Replaces ``enorm_jax.plan.<name>`` while a function is traced."""
+  module = sys.modules["enorm_jax.plan"]
   original = getattr(module, name)
   setattr(module, name, replacement)
   try:

@@ -16,7 +16,8 @@ from enorm_jax.baselines import (
     scale_by_path_norm,
 )
 from enorm_jax.check import CheckReport, check_graph
-from enorm_jax.graph import Entry, Group, RescalingGraph, chain_graph
+from enorm_jax.chain import chain_graph
+from enorm_jax.graph import Entry, Group, RescalingGraph
 from enorm_jax.trace import TraceReport, explain_graph, trace_graph
 from enorm_jax.trace_core import ParamView, Scaled, Tracer, TraceStop, register_rule
 from enorm_jax.transform import (

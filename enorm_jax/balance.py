@@ -12,7 +12,6 @@ and entries at trace time, never over units.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -23,15 +22,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from enorm_jax import _paths
-from enorm_jax.graph import RescalingGraph, ResolvedEntry, ResolvedGroup, require_graph
-
-Scales = tuple[jax.Array, ...]
+from enorm_jax.graph import RescalingGraph, ResolvedEntry, require_graph
+from enorm_jax.plan import (MAX_SLICES, Plan, Scales, abs_pow, expand, flatten_with_paths, sum_leading,
+                            to_units, unit_reduce)
 
 # Unit sums of |w|^p inside this range are trusted; outside it (underflow,
 # overflow, zeros, non-finite) the group's norms are recomputed in log space.
 _SAFE_MIN = 1e-30
 _SAFE_MAX = 1e30
 _SCHEDULES = ("sequential", "parallel")
+# A leaf's |w|^p is summed once per call over its leading axes that no entry
+# touches, when that shrinks it at least this much (e.g. the taps of a conv).
+_MIN_STAT_REDUCTION = 2
 
 
 def check_hyperparams(p=2.0, c=1.0, cycles=1, schedule="sequential") -> None:
@@ -52,177 +54,18 @@ def check_hyperparams(p=2.0, c=1.0, cycles=1, schedule="sequential") -> None:
     raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}.")
 
 
-def _abs_pow(x: jax.Array, p) -> jax.Array:
-  if isinstance(p, numbers.Real):
-    if p == 2:
-      return x * x
-    if p == 1:
-      return jnp.abs(x)
-  return jnp.abs(x) ** p
-
-
-def _unit_reduce(x: jax.Array, r: ResolvedEntry, size: int, op=jnp.sum) -> jax.Array:
-  """Reduces ``x`` (in ``r.view`` shape) to one value per unit of the group."""
-  others = tuple(a for a in range(len(r.view)) if a not in r.axes)
-  leading = next(i for i in range(len(r.view) + 1) if i not in others)
-  if op is jnp.sum and 1 < math.prod(r.view[:leading]) <= _MAX_SLICES:
-    x = sum_leading(x, leading)
-  return _to_units(op(x, axis=others) if others else x, r, size)
-
-
-def _to_units(s: jax.Array, r: ResolvedEntry, size: int) -> jax.Array:
-  """Per-unit vector from ``s``, an array over ``r``'s axes in ascending order."""
-  ascending = sorted(r.axes)
-  if list(r.axes) != ascending:
-    s = jnp.transpose(s, [ascending.index(a) for a in r.axes])
-  s = s.reshape(-1)
-  if r.offset or r.extent != size:
-    s = s[r.offset:r.offset + size]
-  return s
-
-
-def _expand(t: jax.Array, r: ResolvedEntry, size: int) -> jax.Array:
-  """Turns per-unit factors into a multiplier that broadcasts against ``r.view``."""
-  if r.offset or r.extent != size:
-    t = jnp.pad(t, (r.offset, r.extent - r.offset - size), constant_values=1)
-  m = t.reshape([r.view[a] for a in r.axes])
-  ascending = sorted(r.axes)
-  if list(r.axes) != ascending:
-    m = jnp.transpose(m, [r.axes.index(a) for a in ascending])
-  return m.reshape([r.view[a] if a in r.axes else 1 for a in range(len(r.view))])
-
-
-def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Veltkamp split of float32 ``a`` into two halves whose products are exact."""
-  c = lax.optimization_barrier(a * 4097.0)  # barriers keep XLA from simplifying
-  hi = c - lax.optimization_barrier(c - a)
-  return hi, a - hi
-
-
-def _inverse_parts(t: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(down, corr)`` with ``x * down + x * corr`` equal to ``x / t`` correctly rounded.
-
-  XLA divides by multiplying with a rounded reciprocal. For ``t`` a few ulps
-  below 1 that reciprocal is biased by +2^-24, so balancing a converged network
-  call after call drifts its function (1e-4 after 300 calls of a 20-layer
-  chain). ``corr = (1 - t * down) / t``, with ``t * down`` computed exactly
-  (Dekker's product), restores correct rounding on the unit vectors; each
-  weight then costs one multiply-add more. ``down`` is then moved one ulp
-  towards zero and the difference added to ``corr``, so that both have the
-  sign of ``1 / t`` and are nonzero: an infinite weight stays infinite (never
-  ``inf * 0``) without a per-weight test. Units with ``|1 / t| < 2^-100`` or
-  not finite keep the plain split.
-  """
-  down = 1.0 / t
-  p = t * down
-  t_hi, t_lo = _split(t)
-  d_hi, d_lo = _split(down)
-  err = ((t_hi * d_hi - p) + t_hi * d_lo + t_lo * d_hi) + t_lo * d_lo
-  corr = ((1.0 - p) - err) * down
-  corr = jnp.where(jnp.isfinite(corr), corr, 0.0)
-  movable = jnp.isfinite(down) & (jnp.abs(down) >= 2.0 ** -100)
-  lower = jnp.nextafter(down, jnp.zeros_like(down))
-  return (jnp.where(movable, lower, down),
-          jnp.where(movable, corr + (down - lower), corr))
-
-
-@jax.jit  # so that eager calls get the fused multiply-add too (inlined under jit)
-def divide(x: jax.Array, t: jax.Array) -> jax.Array:
-  """``x / t``, correctly rounded (XLA contracts the sum into one fused multiply-add)."""
-  down, corr = _inverse_parts(t)
-  return x * down + x * corr
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """Per-leaf list of (group index, entry, sign): sign +1 multiplies, -1 divides."""
-
-  groups: tuple[ResolvedGroup, ...]
-  by_leaf: dict[str, tuple[tuple[int, ResolvedEntry, int], ...]]
-
-  def shape_of(self, path: str) -> tuple[int, ...]:
-    """The shape of the parameter at ``path`` (which must be in ``by_leaf``)."""
-    return self.by_leaf[path][0][1].shape
-
-  @classmethod
-  def build(cls, graph: RescalingGraph, leaves: dict[str, Any]) -> Plan:
-    groups = require_graph(graph).resolve(leaves)
-    by_leaf: dict[str, list] = {}
-    for gi, g in enumerate(groups):
-      for r in g.producers + g.biases + g.carried:
-        by_leaf.setdefault(r.path, []).append((gi, r, +1))
-      for r in g.consumers:
-        by_leaf.setdefault(r.path, []).append((gi, r, -1))
-    return cls(groups, {k: tuple(v) for k, v in by_leaf.items()})
-
-  def scale(self, path: str, x: jax.Array, t: Scales, power: int = 1,
-            signs: tuple[int, ...] = (1, -1), exact: bool = True) -> jax.Array:
-    """``x`` times the factor of every entry on ``path``, raised to ``power``.
-
-    With ``exact`` (for values that are written back), dividing (exponent -1)
-    is correctly rounded (`divide`); norms use XLA's faster division.
-    ``signs`` selects multiplying (+1) and/or dividing (-1) entries.
-    """
-    shape = x.shape
-    for gi, r, sign in self.by_leaf.get(path, ()):
-      if sign not in signs:
-        continue
-      exponent = sign * power
-      if exponent == 0:
-        continue
-      m = _expand(t[gi], r, self.groups[gi].size)
-      x = x.reshape(r.view)
-      if exponent == 1:
-        x = x * m
-      elif exponent == -1:
-        x = divide(x, m) if exact else x / m
-      else:
-        x = x * m ** exponent
-    return x.reshape(shape)
-
-  def check_scales(self, scales: Sequence[jax.Array]) -> Scales:
-    if len(scales) != len(self.groups):
-      raise ValueError(f"scales has {len(scales)} entries but the graph has "
-                       f"{len(self.groups)} groups; pass the scales returned by balance "
-                       "for this graph.")
-    for i, (s, g) in enumerate(zip(scales, self.groups)):
-      if tuple(jnp.shape(s)) != (g.size,):
-        raise ValueError(f"scales[{i}] has shape {jnp.shape(s)}, expected ({g.size},).")
-    return tuple(jnp.asarray(s, jnp.float32) for s in scales)
-
-
 def _log_unit_sums(plan: Plan, current, entries, size: int, p) -> jax.Array:
   """log(sum |w|^p) per unit, safe from underflow and overflow (max-rescaled)."""
   total = None
   for r in entries:
     a = jnp.abs(current(r.path).reshape(r.view))
-    m = _unit_reduce(a, r, size, op=jnp.max)
+    m = unit_reduce(a, r, size, op=jnp.max)
     safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
-    s = _unit_reduce(_abs_pow(a / _expand(safe, r, size), p), r, size)
+    s = unit_reduce(abs_pow(a / expand(safe, r, size), p), r, size)
     log_sum = jnp.where(m > 0, p * jnp.log(safe) + jnp.log(s), -jnp.inf)
     log_sum = jnp.where(jnp.isfinite(m), log_sum, jnp.where(jnp.isnan(m), jnp.nan, jnp.inf))
     total = log_sum if total is None else jnp.logaddexp(total, log_sum)
   return total
-
-
-# A leaf's |w|^p is summed once per call over its leading axes that no entry
-# touches, when that shrinks it at least this much (e.g. the taps of a conv).
-_MIN_STAT_REDUCTION = 2
-_MAX_SLICES = 64
-
-
-def sum_leading(x: jax.Array, count: int) -> jax.Array:
-  """Sums the ``count`` leading axes of ``x`` (at most `_MAX_SLICES` elements).
-
-  XLA:CPU reduces leading axes slowly when many minor elements are kept (20x
-  an elementwise pass for a 3x3 conv kernel); a tree of slice additions is one
-  elementwise pass. The summed axes are kept with size 1.
-  """
-  kept = x.shape[count:]
-  parts = list(x.reshape((-1,) + kept))
-  while len(parts) > 1:
-    parts = [a + b for a, b in zip(parts[::2], parts[1::2])] + parts[len(parts) // 2 * 2:]
-  return parts[0].reshape((1,) * count + kept)
 
 
 def _leaf_stats(plan: Plan, work: dict, p, dense: bool) -> dict[str, jax.Array]:
@@ -230,7 +73,7 @@ def _leaf_stats(plan: Plan, work: dict, p, dense: bool) -> dict[str, jax.Array]:
 
   Norms under any scales only need these: a leaf's entries multiply along their
   own axes, so the untouched axes can be summed once, before the cycles. Only
-  leading untouched axes with at most `_MAX_SLICES` elements are summed (e.g.
+  leading untouched axes with at most `MAX_SLICES` elements are summed (e.g.
   the spatial taps of an HWIO conv kernel). With ``dense`` (for more than one
   cycle), kernels with nothing to sum get |w|^p itself, so that every cycle
   contracts it by matrix-vector products; otherwise they are reduced directly,
@@ -245,12 +88,12 @@ def _leaf_stats(plan: Plan, work: dict, p, dense: bool) -> dict[str, jax.Array]:
     touched = {a for _, r, _ in entries for a in r.axes}
     count = min(touched, default=0)
     taps = math.prod(view[:count])
-    if taps > _MAX_SLICES:
+    if taps > MAX_SLICES:
       continue
     if count and taps >= _MIN_STAT_REDUCTION:
-      stats[path] = sum_leading(_abs_pow(work[path].reshape(view), p), count)
+      stats[path] = sum_leading(abs_pow(work[path].reshape(view), p), count)
     elif dense and len(view) >= 2:
-      stats[path] = _abs_pow(work[path].reshape(view), p)
+      stats[path] = abs_pow(work[path].reshape(view), p)
   return stats
 
 
@@ -266,13 +109,13 @@ def _weighted_unit_sums(plan: Plan, r: ResolvedEntry, stat: jax.Array, t: Scales
   """
   weights = []
   for gi, e, sign in plan.by_leaf[r.path]:
-    m = _expand(t[gi], e, plan.groups[gi].size)
+    m = expand(t[gi], e, plan.groups[gi].size)
     m = m * m if isinstance(p, numbers.Real) and p == 2 else m ** p
     weights.append((e, m if sign > 0 else 1.0 / m))
   if any(set(e.axes) & set(r.axes) and set(e.axes) != set(r.axes) for e, _ in weights):
     for _, m in weights:  # partly overlapping axes: weight elementwise, then reduce
       stat = stat * m
-    return _unit_reduce(stat, r, size)
+    return unit_reduce(stat, r, size)
   operands, post = [stat, list(range(stat.ndim))], 1.0
   for e, m in weights:
     if set(e.axes) == set(r.axes):
@@ -281,7 +124,7 @@ def _weighted_unit_sums(plan: Plan, r: ResolvedEntry, stat: jax.Array, t: Scales
       operands += [m.reshape([e.view[a] for a in sorted(e.axes)]), sorted(e.axes)]
   s = jnp.einsum(*operands, sorted(r.axes), precision=lax.Precision.HIGHEST,
                  preferred_element_type=jnp.float32)
-  return _to_units(s * jnp.reshape(post, s.shape), r, size)  # r itself is in weights
+  return to_units(s * jnp.reshape(post, s.shape), r, size)  # r itself is in weights
 
 
 def _group_sums(plan: Plan, gi: int, work: dict, stats: dict, t: Scales, p,
@@ -293,7 +136,7 @@ def _group_sums(plan: Plan, gi: int, work: dict, stats: dict, t: Scales, p,
     if r.path in stats:
       return _weighted_unit_sums(plan, r, stats[r.path], t, p, g.size)
     current = plan.scale(r.path, work[r.path], t, exact=False)
-    return _unit_reduce(_abs_pow(current.reshape(r.view), p), r, g.size)
+    return unit_reduce(abs_pow(current.reshape(r.view), p), r, g.size)
 
   incoming = g.producers + (g.biases if include_biases else ())
   return sum(unit_sums(r) for r in incoming), sum(unit_sums(r) for r in g.consumers)
@@ -332,12 +175,6 @@ def _careful_factor(plan: Plan, gi: int, work: dict, stats: dict, t: Scales, p, 
       lambda: (_log_unit_sums(plan, current, incoming, g.size, p),
                _log_unit_sums(plan, current, g.consumers, g.size, p)))
   return _factor(log_in, log_out, p, c)
-
-
-def _leaves(params):
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [_paths.key_path_str(kp) for kp, _ in flat]
-  return paths, [leaf for _, leaf in flat], treedef
 
 
 def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.0,
@@ -393,7 +230,7 @@ def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.
     <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, Algorithm 1 and eq. (5).
   """
   check_hyperparams(p, c, cycles, schedule)
-  paths, leaves, treedef = _leaves(params)
+  paths, leaves, treedef = flatten_with_paths(params)
   by_path = dict(zip(paths, leaves))
   plan = Plan.build(graph, by_path)
   work = {path: jnp.asarray(by_path[path]).astype(jnp.float32) for path in plan.by_leaf}
@@ -488,7 +325,7 @@ def rescale_tree(tree, scales, graph, *, power=1, signs=(1, -1), exact=True):
   dividing the fast way (for differentiated uses)."""
   if not isinstance(power, numbers.Integral):
     raise TypeError(f"power must be an int, got {power!r}.")
-  paths, leaves, treedef = _leaves(tree)
+  paths, leaves, treedef = flatten_with_paths(tree)
   plan = Plan.build(graph, dict(zip(paths, leaves)))
   t = plan.check_scales(scales)
   new_leaves = [
@@ -552,7 +389,7 @@ def energy(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.0
                      "connection). Use c=1.")
   total = jnp.zeros((), jnp.float32)
   for path in sorted(counted):
-    term = jnp.sum(_abs_pow(jnp.asarray(by_path[path]).astype(jnp.float32), p))
+    term = jnp.sum(abs_pow(jnp.asarray(by_path[path]).astype(jnp.float32), p))
     if not plain:
       term = term * jnp.asarray(c, jnp.float32) ** (p * heights[path])
     total = total + term

@@ -13,7 +13,7 @@ from enorm_jax.balance import rescale_tree, check_hyperparams, energy
 from enorm_jax.graph import RescalingGraph, require_graph
 
 
-def path_norm_scaling(params: Any, apply_fn: Callable[[Any, jax.Array], jax.Array],
+def path_norm_scaling(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
                       example_input: jax.Array) -> Any:
   """Per-weight Path-SGD scaling ``kappa_e = gamma_in(e)^2 * gamma_out(e)^2``.
 
@@ -23,6 +23,27 @@ def path_norm_scaling(params: Any, apply_fn: Callable[[Any, jax.Array], jax.Arra
   respect to ``v`` is kappa, in one backward pass. ``apply_fn(params, x)`` must
   be a ReLU network without normalization layers (biases are treated as
   weights from a constant unit).
+
+  Args:
+    apply_fn: ``apply_fn(params, x)``, the network (same order as `check_graph`).
+    params: its parameters.
+    example_input: an input of the right shape (its values are not used).
+
+  Returns:
+    A params-shaped tree of kappa values.
+
+  Example:
+    >>> import jax.numpy as jnp, enorm_jax
+    >>> params = {'a': jnp.full((2, 3), 2.0), 'b': jnp.full((3, 1), 1.0)}
+    >>> apply = lambda p, x: jnp.maximum(x @ p['a'], 0) @ p['b']
+    >>> kappa = enorm_jax.path_norm_scaling(apply, params, jnp.ones((1, 2)))
+    >>> kappa['a'][0, 0].item(), kappa['b'][0, 0].item()  # paths through a[0,0]; into b[0,0]
+    (1.0, 8.0)
+
+  References:
+    Neyshabur, Salakhutdinov and Srebro, `Path-SGD: Path-Normalized
+    Optimization in Deep Neural Networks <https://arxiv.org/abs/1506.02617>`_,
+    NeurIPS 2015.
   """
   squared = jax.tree.map(jnp.square, params)
   ones = jnp.ones_like(example_input)
@@ -49,7 +70,7 @@ def scale_by_path_norm(apply_fn: Callable[[Any, jax.Array], jax.Array],
     del extra_args
     if params is None:
       raise ValueError("scale_by_path_norm needs params: call tx.update(grads, state, params).")
-    kappa = path_norm_scaling(params, apply_fn, example_input)
+    kappa = path_norm_scaling(apply_fn, params, example_input)
     ok = lambda k: (k > 0) & jnp.isfinite(k)
     updates = jax.tree.map(lambda u, k: jnp.where(ok(k), u / jnp.where(ok(k), k, 1.0), u)
                            .astype(u.dtype), updates, kappa)

@@ -21,7 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from enorm_jax.graph import Entry, Group, RescalingGraph, chain_graph
+from enorm_jax.chain import chain_graph
+from enorm_jax.graph import Entry, Group, RescalingGraph
 
 NORMS = ("none", "batch", "group")
 xavier = nn.initializers.xavier_uniform()

@@ -35,7 +35,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from enorm_jax import _paths
-from enorm_jax import trace_rules  # noqa: F401  (registers the built-in rules)
+from enorm_jax import trace_contractions, trace_rules  # noqa: F401  (register the rules)
 from enorm_jax.graph import Entry, Group, RescalingGraph
 from enorm_jax.trace_core import UNSCALED, ParamView, Scaled, TraceStop, Tracer, rule_for, taint_all
 

@@ -157,3 +157,12 @@ def taint_all(tr, tags, what):
     if isinstance(t, Scaled):
       tr.stop(t.units, f"{what}")
   return [None]
+
+
+def rule(*primitive_names: str) -> Callable[[RuleFn], RuleFn]:
+  """Decorator form of `register_rule` for one or more primitives."""
+  def register(fn: RuleFn) -> RuleFn:
+    for name in primitive_names:
+      register_rule(name, fn)
+    return fn
+  return register

@@ -12,8 +12,8 @@ import optax
 from jax import lax
 
 from enorm_jax import _paths, outermost
-from enorm_jax.balance import (FIRST_MOMENT, PARAM_COPY, SECOND_MOMENT, Plan, Scales, balance,
-                               check_hyperparams)
+from enorm_jax.balance import FIRST_MOMENT, PARAM_COPY, SECOND_MOMENT, balance, check_hyperparams
+from enorm_jax.plan import Plan, Scales
 from enorm_jax.graph import RescalingGraph, require_graph
 
 # The power (`FIRST_MOMENT`, `SECOND_MOMENT`, `PARAM_COPY`) of each params-shaped

@@ -346,7 +346,7 @@ def test_repeated_single_cycles_do_not_drift_the_function():
 
 
 def test_division_by_scales_is_correctly_rounded():
-  from enorm_jax.balance import divide
+  from enorm_jax.plan import divide
   rng = np.random.default_rng(0)
   # Magnitudes over 2^+-115, so quotients from 2^-100 up to overflow (inf).
   x = (rng.standard_normal((1000, 66))

@@ -33,7 +33,7 @@ def brute_force_kappa(kernels):
 
 def test_path_norm_scaling_matches_path_enumeration():
   params, kernels = bias_free_mlp([3, 4, 3, 2], seed=1)
-  kappa = enorm_jax.path_norm_scaling(params, apply_mlp, jnp.ones((1, 3)))
+  kappa = enorm_jax.path_norm_scaling(apply_mlp, params, jnp.ones((1, 3)))
   for k, expected in enumerate(brute_force_kappa(kernels)):
     np.testing.assert_allclose(kappa[f"Dense_{k}"]["kernel"], expected, rtol=1e-5)
 

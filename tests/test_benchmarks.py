@@ -168,7 +168,7 @@ def test_write_variants_match_the_library_and_leave_it_unpatched():
   import sys
   from benchmarks import write
   from enorm_jax.models import CifarNV
-  module = sys.modules["enorm_jax.balance"]
+  module = sys.modules["enorm_jax.plan"]
   divide = module.divide
   model = CifarNV()
   params = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 3)))["params"]

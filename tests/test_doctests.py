@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["enorm_jax.balance", "enorm_jax.baselines", "enorm_jax.check", "enorm_jax.graph",
+MODULES = ["enorm_jax.balance", "enorm_jax.baselines", "enorm_jax.chain", "enorm_jax.check",
+           "enorm_jax.graph",
            "enorm_jax.trace", "enorm_jax.transform"]
 
 

@@ -47,7 +47,7 @@ _C = flags.DEFINE_float("c", 1.2, "ENorm's asymmetric scaling.")
 _LR = flags.DEFINE_float("lr", 0.05, "Constant SGD learning rate.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Steps per variant.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Any of {VARIANTS}.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "../shared/data/cifar10", "ImageFolder dir.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "ImageFolder dir ('': tfds.load).")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Output folder.")
 _PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only redraw the figure from the JSON.")
 

@@ -79,7 +79,7 @@ def test_sigkill_restarts_end_with_uninterrupted_params(image_folder, tmp_path):
   config = small_config(image_folder, tmp_path, "fc", "enorm")
   for k, v in overrides.items():
     config[k] = v
-  expected = train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))["final_state"]
+  expected, _ = train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
 
   workdir = tmp_path / "killed"
   env = dict(os.environ, ENORM_NO_PROGRESS="1", PYTHONPATH=ROOT)

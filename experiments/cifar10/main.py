@@ -34,8 +34,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   logging.info("JAX devices: %s", jax.devices())
   if FLAGS.mode == "train":
-    metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    metrics.pop("final_state")
+    _, metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
     metrics = evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split,
                                            FLAGS.eval_data_dir)

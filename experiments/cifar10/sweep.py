@@ -3,7 +3,7 @@ r"""Resumable sweeps of the paper's CIFAR-10 experiments.
 Every finished cell appends one record to the results JSON; a rerun skips the
 cells already there (and resumes a half-finished cell from its checkpoint).
 
-    python -m experiments.cifar10.sweep --sweep=fc          # search, then 60 epochs, by block
+    python -m experiments.cifar10.sweep --sweep=fc --data_dir=../shared/data/cifar10  # by block
     python -m experiments.cifar10.sweep --sweep=fc_search   # only the shortened LR search
     python -m experiments.cifar10.sweep --sweep=fc_final    # only the 60-epoch runs
     python -m experiments.cifar10.sweep --sweep=conv_reduced
@@ -38,7 +38,7 @@ from experiments.common.trainer import NonFiniteLossError
 _SWEEP = flags.DEFINE_enum("sweep", "fc", ["fc", "fc_search", "fc_final", "conv_reduced",
                                            "conv_no_bias"],
                            "Which sweep; 'fc' interleaves search and final runs by block.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "../shared/data/cifar10", "ImageFolder dir.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "ImageFolder dir ('': tfds.load('cifar10')).")
 _WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "workdirs", "Parent of run workdirs.")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Results folder.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Stop after this many new cells (0: all).")
@@ -292,8 +292,7 @@ def run_cell(sweep, cell, results, commit):
   logging.info("Running %s", workdir)
   start = time.time()
   try:
-    metrics = train.train_and_evaluate(config, workdir)
-    metrics.pop("final_state")
+    _, metrics = train.train_and_evaluate(config, workdir)
     record.update(val_acc=metrics["validation_acc"], test_acc=metrics.get("test_acc"),
                   val_loss=metrics["validation_loss"], train_time_s=metrics["train_time_s"],
                   diverged=False)

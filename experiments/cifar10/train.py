@@ -69,8 +69,10 @@ def evaluate_splits(eval_fn, state, ds, config, mesh, splits) -> dict[str, float
       for s in splits})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming if possible) and returns final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> tuple[trainer.TrainState, dict[str, Any]]:
+  """Trains ``config`` in ``workdir`` (resuming if possible); returns the final state
+  and the final metrics."""
   validate_config(config)
   mesh = trainer.make_mesh(config.num_devices)
   trainer.check_batch_size(config.batch_size, mesh)
@@ -99,5 +101,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   metrics = dict(metrics)
   metrics["train_time_s"] = time.perf_counter() - start
   metrics["steps"] = int(jax.device_get(state.step))
-  metrics["final_state"] = state
-  return metrics
+  return state, metrics

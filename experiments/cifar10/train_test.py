@@ -36,8 +36,8 @@ def small_config(image_folder, tmp_path, model="fc", method="baseline", **overri
 
 
 def run(config, workdir):
-  metrics = train.train_and_evaluate(config, str(workdir))
-  return metrics, metrics.pop("final_state")
+  state, metrics = train.train_and_evaluate(config, str(workdir))
+  return metrics, state
 
 
 @pytest.mark.parametrize("model,method", [

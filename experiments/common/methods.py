@@ -66,7 +66,6 @@ def create_setup(config: ml_collections.ConfigDict, model, example_input: jax.Ar
   ``config.weight_decay``; ``enorm`` wraps it, ``enorm_impl`` adds learnable
   log-scales (not decayed), ``path_sgd`` replaces it (no weight decay).
   """
-  check_method(config)
   variables = model.init(jax.random.key(config.seed), example_input)
   params = variables["params"]
   graph = None

@@ -153,7 +153,6 @@ def fit(state: TrainState, *, train_step: Callable, batches: Callable[[int], Ite
   final state and the last evaluation metrics. ``stop_at_step > 0`` returns
   early after that step's checkpoint, as a preemption would (for tests).
   """
-  check_workdir(workdir)
   checkpoints = Checkpoints(workdir)
   restored = checkpoints.restore_latest(state)
   if restored is not None:

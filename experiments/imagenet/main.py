@@ -29,8 +29,7 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  metrics.pop("final_state")
+  _, metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
     print(json.dumps(metrics, indent=1))
 

@@ -21,7 +21,7 @@ from experiments.common import methods, trainer
 from experiments.imagenet import input_pipeline
 from experiments.imagenet.configs.default import WEIGHT_DECAY
 
-IMAGENET_METHODS = ("baseline", "bn", "gn", "enorm", "enorm_impl")
+IMAGENET_METHODS = tuple(m for m in methods.METHODS if m != "path_sgd")  # Path-SGD: FC only
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -94,8 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   metrics = dict(metrics)
   metrics["train_time_s"] = time.perf_counter() - start
   metrics["steps"] = int(jax.device_get(state.step))
-  metrics["final_state"] = state
-  return metrics
+  return state, metrics
 
 
 def median_error_final_epochs(metrics_path: str, split: str = "validation",

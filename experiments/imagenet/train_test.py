@@ -57,8 +57,7 @@ def test_pipeline_shapes_and_determinism(folder):
 def test_few_steps_of_each_method_on_8_devices(folder, tmp_path, method):
   assert jax.device_count() == 8
   config = config_for(folder, method, num_epochs=1)
-  metrics = train.train_and_evaluate(config, str(tmp_path / "work"))
-  state = metrics.pop("final_state")
+  state, metrics = train.train_and_evaluate(config, str(tmp_path / "work"))
   assert metrics["steps"] == 10 and 0 <= metrics["val_acc"] <= 1
   assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(state.params))
   log = open(tmp_path / "work" / "metrics.jsonl").read()
@@ -80,7 +79,7 @@ def test_loss_decreases_on_tiny_subset(folder, tmp_path, method):
 
 def test_checkpoint_restores_exactly(folder, tmp_path):
   config = config_for(folder, "enorm", num_epochs=1)
-  state = train.train_and_evaluate(config, str(tmp_path / "work"))["final_state"]
+  state, _ = train.train_and_evaluate(config, str(tmp_path / "work"))
   setup = train.create_setup(train.resolve_config(config), total_steps=10)
   restored = trainer.Checkpoints(str(tmp_path / "work")).restore_latest(setup.state)
   chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))

@@ -6,7 +6,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data.
-  config.data_dir = "../shared/data/cifar10"  # ImageFolder; '' -> tfds.load('cifar10')
+  config.data_dir = ""                         # an ImageFolder dir; '' -> tfds.load('cifar10')
   config.tfds_data_dir = ""
   config.cache_dir = ""                        # '' -> ~/.cache/enorm_jax
   config.num_validation = 10_000
