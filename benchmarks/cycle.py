@@ -67,7 +67,7 @@ import jax.numpy as jnp
 
 import enorm_jax
 from benchmarks import _common
-from enorm_jax._paths import leaves_by_path, map_with_path_str
+from enorm_jax.paths import leaves_by_path, map_with_path_str
 from enorm_jax.models import ResNet50
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from enorm_jax import _paths
+from enorm_jax import paths as tree_paths
 from enorm_jax.graph import RescalingGraph, ResolvedEntry, require_graph
 from enorm_jax.plan import (MAX_SLICES, Plan, Scales, abs_pow, expand, flatten_with_paths, sum_leading,
                             to_units, unit_reduce)
@@ -376,7 +376,7 @@ def energy(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.0
     <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, eq. (6).
   """
   check_hyperparams(p, c)
-  by_path = _paths.leaves_by_path(params)
+  by_path = tree_paths.leaves_by_path(params)
   groups = require_graph(graph).resolve(by_path)
   counted = {r.path for g in groups for r in g.producers + g.consumers}
   if include_biases:

@@ -60,6 +60,27 @@ def scale_by_path_norm(apply_fn: Callable[[Any, jax.Array], jax.Array],
 
   Where kappa is not positive and finite (a weight on no live path) the
   update passes through unchanged.
+
+  Args:
+    apply_fn: ``apply_fn(params, x)``, a ReLU network without normalization.
+    example_input: an input of the right shape.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`; its ``update`` needs ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, enorm_jax
+    >>> params = {'a': jnp.full((2, 3), 2.0), 'b': jnp.full((3, 1), 1.0)}
+    >>> apply = lambda p, x: jnp.maximum(x @ p['a'], 0) @ p['b']
+    >>> tx = enorm_jax.scale_by_path_norm(apply, jnp.ones((1, 2)))
+    >>> updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    >>> updates['b'][0, 0].item()  # 1 / kappa
+    0.125
+
+  References:
+    Neyshabur, Salakhutdinov and Srebro, `Path-SGD: Path-Normalized
+    Optimization in Deep Neural Networks <https://arxiv.org/abs/1506.02617>`_,
+    NeurIPS 2015.
   """
 
   def init_fn(params):
@@ -83,6 +104,15 @@ def path_sgd(learning_rate: optax.ScalarOrSchedule,
              apply_fn: Callable[[Any, jax.Array], jax.Array],
              example_input: jax.Array) -> optax.GradientTransformationExtraArgs:
   """Path-SGD: ``w <- w - lr * (dL/dw) / kappa_w``.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    apply_fn: ``apply_fn(params, x)``, a ReLU network without normalization
+      layers or max-pooling.
+    example_input: an input of the right shape.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`; its ``update`` needs ``params``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, flax.linen as nn

@@ -30,7 +30,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from enorm_jax import _paths
+from enorm_jax import paths as tree_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +214,7 @@ class RescalingGraph:
     Only shapes and dtypes are read, so this also works on tracers and on
     `jax.ShapeDtypeStruct` trees.
     """
-    self.resolve(_paths.leaves_by_path(params))
+    self.resolve(tree_paths.leaves_by_path(params))
 
   def resolve(self, leaves: Mapping[str, Any]) -> tuple[ResolvedGroup, ...]:
     """Resolves every entry against ``leaves`` (path -> array-like).
@@ -365,7 +365,7 @@ def _fmt_ranges(ranges) -> str:
 def _check_leaf(path: str, leaves: Mapping[str, Any], group: Group):
   if path not in leaves:
     close = [p for p in leaves if p.split("/")[-1] == path.split("/")[-1]]
-    hint = f" Parameters with the same name: {_paths.describe_paths(close)}." if close else ""
+    hint = f" Parameters with the same name: {tree_paths.describe_paths(close)}." if close else ""
     if path.rsplit("/", 1)[-1] in ("mean", "var"):
       hint += (" It looks like a BatchNorm running statistic: the graph was traced in eval "
                "mode with the batch statistics as leaves. To train only the params (e.g. "
@@ -375,7 +375,7 @@ def _check_leaf(path: str, leaves: Mapping[str, Any], group: Group):
     raise ValueError(
         f"Group {group.label}: parameter path {path!r} is not in the params pytree."
         f"{hint} Paths are '/'-joined keys of the tree passed to balance (for Linen, "
-        f"variables['params']). Available: {_paths.describe_paths(leaves)}.")
+        f"variables['params']). Available: {tree_paths.describe_paths(leaves)}.")
   leaf = leaves[path]
   dtype = getattr(leaf, "dtype", None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):

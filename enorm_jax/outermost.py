@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from enorm_jax import _paths
+from enorm_jax import paths as tree_paths
 
 Fingerprint = Mapping[str, jax.Array]
 
 
 def fingerprint(params: Any, paths: Collection[str]) -> Fingerprint:
   """``{path: [sum, sum of squares, size]}`` in float32 for each leaf in ``paths``."""
-  leaves = _paths.leaves_by_path(params)
+  leaves = tree_paths.leaves_by_path(params)
   out = {}
   for path in sorted(paths):
     x = jnp.asarray(leaves[path]).astype(jnp.float32)
@@ -34,7 +34,7 @@ def fingerprint(params: Any, paths: Collection[str]) -> Fingerprint:
 
 
 def _tolerance(params: Any, path: str) -> float:
-  dtype = jnp.result_type(_paths.leaves_by_path(params)[path])
+  dtype = jnp.result_type(tree_paths.leaves_by_path(params)[path])
   return max(1e-5, 4 * float(jnp.finfo(dtype).eps))
 
 
@@ -43,7 +43,7 @@ def _raise_changed(changed, paths):
   if bad:
     raise ValueError(
         f"enorm: the params of this update are not those its previous update produced "
-        f"({_paths.describe_paths(bad, 4)} differ). enorm must be the outermost "
+        f"({tree_paths.describe_paths(bad, 4)} differ). enorm must be the outermost "
         "transformation and its updates applied unchanged, params = "
         "optax.apply_updates(params, updates): a transformation chained after enorm "
         "(a scale, clipping, a learning rate) changes `balanced - params` and with it "

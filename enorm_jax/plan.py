@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from enorm_jax import _paths
+from enorm_jax import paths as tree_paths
 from enorm_jax.graph import RescalingGraph, ResolvedEntry, ResolvedGroup, require_graph
 
 Scales = tuple[jax.Array, ...]
@@ -29,7 +29,7 @@ MAX_SLICES = 64
 def flatten_with_paths(params):
   """(paths, leaves, treedef) of a pytree, paths '/'-joined."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [_paths.key_path_str(kp) for kp, _ in flat]
+  paths = [tree_paths.key_path_str(kp) for kp, _ in flat]
   return paths, [leaf for _, leaf in flat], treedef
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from enorm_jax import _paths
+from enorm_jax import paths as tree_paths
 from enorm_jax import trace_contractions, trace_rules  # noqa: F401  (register the rules)
 from enorm_jax.graph import Entry, Group, RescalingGraph
 from enorm_jax.trace_core import UNSCALED, ParamView, Scaled, TraceStop, Tracer, rule_for, taint_all
@@ -109,7 +109,7 @@ def _interpret(tr: Tracer, jaxpr, consts, in_tags) -> list:
       if sub is not None and rule is None:
         outs = _interpret(tr, sub[0], sub[1], tags)
       elif rule is None:
-        outs = taint_all(tr, tags, f"pass through {eqn.primitive.name}, which has no tracer rule")
+        taint_all(tr, tags, f"pass through {eqn.primitive.name}, which has no tracer rule")
         outs = [None] * len(eqn.outvars)
       else:
         try:
@@ -205,7 +205,7 @@ def explain_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
     'layers_0 outputs: pass through tanh, which has no tracer rule [tanh] at ...'
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  paths = [_paths.key_path_str(kp) for kp, _ in flat]
+  paths = [tree_paths.key_path_str(kp) for kp, _ in flat]
   leaves = [leaf for _, leaf in flat]
   shapes = {p: tuple(np.shape(leaf)) for p, leaf in zip(paths, leaves)}
   closed = jax.make_jaxpr(lambda p: apply_fn(p, *example_args, **example_kwargs))(params)

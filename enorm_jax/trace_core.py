@@ -135,6 +135,16 @@ def register_rule(primitive_name: str, rule: RuleFn | None) -> RuleFn | None:
 
   Returns:
     The rule registered before, or ``None`` (pass it back to restore it).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, enorm_jax
+    >>> params = {'a': jnp.ones((3, 4)), 'b': jnp.ones((4, 2))}
+    >>> fn = lambda p, x: jnp.square(x @ p['a']) @ p['b']  # square: no rule, stops units
+    >>> before = enorm_jax.register_rule('square', lambda tracer, eqn, tags: [None])
+    >>> enorm_jax.explain_graph(fn, params, jnp.ones((1, 3))).graph.num_units
+    0
+    >>> enorm_jax.register_rule('square', before) is not None
+    True
   """
   previous = _RULES.get(primitive_name)
   if rule is None:

@@ -26,8 +26,6 @@ def _same_transform(fn):
       return [Scaled(fn(t.units, eqn, fill=UNSCALED))]
     if isinstance(t, ParamView):
       return [ParamView(t.path, fn(t.index, eqn, fill=-1))]
-    if isinstance(t, np.ndarray):
-      return [None]
     return [None]
   return rule
 

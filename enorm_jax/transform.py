@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from enorm_jax import _paths, outermost
+from enorm_jax import outermost
+from enorm_jax import paths as tree_paths
 from enorm_jax.balance import FIRST_MOMENT, PARAM_COPY, SECOND_MOMENT, balance, check_hyperparams
 from enorm_jax.plan import Plan, Scales
 from enorm_jax.graph import RescalingGraph, require_graph
@@ -97,15 +98,15 @@ class EnormState(NamedTuple):
 
 def _params_key_paths(params: Any) -> set[tuple[str, ...]]:
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  return {tuple(_paths.key_name(k) for k in kp) for kp, _ in flat}
+  return {tuple(tree_paths.key_name(k) for k in kp) for kp, _ in flat}
 
 
 def _state_role(key_path: tuple[Any, ...], params_paths, roles: Mapping[str, int]):
   """(param path, field name, power) of a params-shaped state leaf."""
-  names = tuple(_paths.key_name(k) for k in key_path)
+  names = tuple(tree_paths.key_name(k) for k in key_path)
   for start in range(len(names)):
     if names[start:] in params_paths:
-      param_path = _paths.key_path_str(key_path[start:])
+      param_path = tree_paths.key_path_str(key_path[start:])
       named = [(k, n) for k, n in zip(key_path[:start], names[:start])
                if not isinstance(k, jax.tree_util.SequenceKey)]
       field = named[-1][1] if named else None
@@ -177,7 +178,7 @@ def rescale_optimizer_state(inner: optax.GradientTransformation, inner_state: An
         "state with optax.tree_utils.tree_map_params (its init must not inspect the "
         f"values or shapes of params). Original error: {e!r}") from e
   params_paths = _params_key_paths(params)
-  plan = Plan.build(graph, _paths.leaves_by_path(params))
+  plan = Plan.build(graph, tree_paths.leaves_by_path(params))
   scales = plan.check_scales(scales)
   flat_state, treedef = jax.tree_util.tree_flatten_with_path(inner_state)
   flags = jax.tree_util.tree_leaves(is_param)
@@ -332,7 +333,7 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     """``tree`` with every bias leaf times its units' accumulated factors**power."""
     if not unit_scales:
       return tree
-    leaves = _paths.leaves_by_path(tree)
+    leaves = tree_paths.leaves_by_path(tree)
     plan = Plan.build(graph, leaves)
 
     def scaled(path, x):
@@ -340,7 +341,7 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
         return x
       factor = plan.scale(path, jnp.ones(jnp.shape(x), jnp.float32), unit_scales, signs=(1,))
       return (x * factor ** power).astype(x.dtype)
-    return _paths.map_with_path_str(scaled, tree)
+    return tree_paths.map_with_path_str(scaled, tree)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:

@@ -7,7 +7,7 @@ import pytest
 
 MODULES = ["enorm_jax.balance", "enorm_jax.baselines", "enorm_jax.chain", "enorm_jax.check",
            "enorm_jax.graph",
-           "enorm_jax.trace", "enorm_jax.transform"]
+           "enorm_jax.trace", "enorm_jax.trace_core", "enorm_jax.transform"]
 
 
 @pytest.mark.parametrize("name", MODULES)
