@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import enorm_jax
 from benchmarks import cycle
 
 
@@ -84,40 +83,6 @@ def test_per_unit_write_scales_each_kernel_along_its_unit_axes(monkeypatch):
   np.testing.assert_allclose(bias, ratio["Dense_0"][0], rtol=1e-5)
 
 
-def test_breakdown_adds_thunk_times_by_kind_per_call():
-  from benchmarks import breakdown
-  text = """ENTRY %main (p: f32[4,5]) -> f32[4,5] {
-  %p = f32[4,5]{1,0} parameter(0)
-  %ynn_fusion.3 = f32[5]{0} fusion(%p), kind=kCustom
-  %ynn_fusion.12 = f32[4]{0} fusion(%p), kind=kCustom
-  %tuple.1 = (f32[4]{0}, f32[5]{0}) tuple(%ynn_fusion.12, %ynn_fusion.3)
-  ROOT %broadcast_multiply_fusion = f32[4,5]{1,0} fusion(%p), kind=kLoop
-}"""
-  sizes = breakdown.output_sizes(text)
-  assert sizes == {"p": 20, "ynn_fusion.3": 5, "ynn_fusion.12": 4, "tuple.1": 9,
-                   "broadcast_multiply_fusion": 20}
-  events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 100.0},
-            {"ph": "X", "name": "ynn_fusion.12", "dur": 300.0},
-            {"ph": "X", "name": "broadcast_multiply_fusion", "dur": 50.0},
-            {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000.0},
-            {"ph": "i", "name": "ynn_fusion.3", "dur": 7000.0}] * 2
-  parts = breakdown.thread_ms_by_kind(events, sizes, calls=2)
-  assert set(parts) == {"ynn_fusion", "broadcast_multiply_fusion"}
-  np.testing.assert_allclose(parts["ynn_fusion"]["ms"], 0.4)
-  np.testing.assert_allclose(parts["ynn_fusion"]["out_m"], 9e-6)
-  np.testing.assert_allclose(parts["broadcast_multiply_fusion"]["ms"], 0.05)
-
-
-def test_breakdown_profile_finds_the_operations_of_a_traced_program():
-  from benchmarks import breakdown
-  params = {"w": jnp.ones((64, 32)), "v": jnp.ones((32, 8))}
-  parts = breakdown.profile(lambda p: {k: jnp.sin(w) * 2.0 for k, w in p.items()}, params,
-                            calls=2)
-  assert parts and all(part["ms"] > 0 for part in parts.values())
-  # Every element of both outputs is written once per call.
-  np.testing.assert_allclose(sum(part["out_m"] for part in parts.values()), 2304e-6)
-
-
 @pytest.mark.parametrize("rescale_state", [True, False])
 def test_row_rescale_scales_stepped_rows_and_divides_momentum_rows(rescale_state):
   import optax
@@ -149,42 +114,3 @@ def test_interleaved_timing_rotates_which_step_comes_first():
   assert set(ms) == {"a", "b", "c"}
   rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
   assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]
-
-
-def test_step_breakdown_profiles_both_steps_and_finds_enorm_only_operations():
-  from benchmarks import breakdown
-  from enorm_jax.models import FullyConnected
-  record = breakdown.step_record(
-      "tiny", lambda **kw: FullyConnected(depth=2, width=8, **kw), (4, 3072), calls=1)
-  assert record["plain_thread_ms"] > 0 and record["enorm_thread_ms"] > 0
-  plain, enorm = record["parts"]["plain"], record["parts"]["enorm"]
-  assert set(plain) == set(enorm)
-  assert sum(plain.values()) == pytest.approx(record["plain_thread_ms"])
-  only = [k for k in enorm if plain[k] == 0 and enorm[k] > 0]
-  assert only and record["enorm_only_ms"] == pytest.approx(sum(enorm[k] for k in only))
-
-
-def test_write_variants_match_the_library_and_leave_it_unpatched():
-  import sys
-  from benchmarks import write
-  from enorm_jax.models import CifarNV
-  module = sys.modules["enorm_jax.plan"]
-  divide = module.divide
-  model = CifarNV()
-  params = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 3)))["params"]
-  steps = write.steps(params, model.rescaling_graph(params))
-  assert module.divide is divide
-  run = lambda name: jax.tree.leaves(steps[name][0](steps[name][1]))
-  graph = model.rescaling_graph(params)
-  scales = write._factors(params, graph)[0]
-  rescaled = jax.jit(enorm_jax.rescale, static_argnums=2)(params, scales, graph)
-  for got, want in zip(run("exact"), jax.tree.leaves(rescaled)):
-    np.testing.assert_array_equal(got, want)
-  for got, want in zip(run("cycle_plain_division"), run("cycle")):
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-  convs = [w for w in jax.tree.leaves(params) if write._has_taps(w)]
-  assert convs
-  for w in convs:  # the timed steps return their input; the sums come from TAP_SUMS
-    want = np.sum(np.asarray(w, np.float64) ** 2, axis=(0, 1))
-    for fn in write.TAP_SUMS.values():
-      np.testing.assert_allclose(np.reshape(fn(w), want.shape), want, rtol=1e-5)
