@@ -4,8 +4,8 @@ r"""Training-step overhead of ENorm vs. BatchNorm and GroupNorm, side by side.
 
 For each model: the plain step (forward, backward, SGD with momentum 0.9 and
 weight decay), the same step wrapped in ``enorm`` (with the default sequential
-and with the parallel schedule), and the model with BN and
-with GN instead. Overheads are fractions of the plain step's median time; all
+schedule, the same without the outermost check, ``check_applied=False``, and
+with the parallel schedule), and the model with BN and with GN instead. Overheads are fractions of the plain step's median time; all
 variants are timed in alternation (one step of each per round).
 
 Two more variants do less than an exact ENorm step must (see `row_rescale`),
@@ -25,7 +25,8 @@ import enorm_jax
 from benchmarks import _common
 from enorm_jax.models import CifarNV, FullyConnected, ResNet18C
 
-VARIANTS = ("plain", "enorm", "enorm_parallel", "bn", "gn", "bound", "bound_params")
+VARIANTS = ("plain", "enorm", "enorm_unchecked", "enorm_parallel", "bn", "gn", "bound",
+            "bound_params")
 CONFIGS = [("FC-15", lambda **kw: FullyConnected(depth=15, **kw), (256, 3072), 256),
            ("CIFAR-NV", lambda **kw: CifarNV(**kw), (32, 28, 28, 3), 32),
            ("ResNet-18C", lambda **kw: ResNet18C(**kw), (32, 224, 224, 3), 32)]
@@ -125,7 +126,8 @@ def variant_step(make, x, y, variant: str):
   tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.01, momentum=0.9))
   if variant.startswith("enorm"):
     schedule = "parallel" if variant == "enorm_parallel" else "sequential"
-    tx = enorm_jax.enorm(tx, model.rescaling_graph(params), schedule=schedule)
+    tx = enorm_jax.enorm(tx, model.rescaling_graph(params), schedule=schedule,
+                         check_applied=variant != "enorm_unchecked")
   elif variant.startswith("bound"):
     tx = row_rescale(tx, rescale_state=variant == "bound")
   return make_step(model, x, y, tx, bool(stats)), (params, stats, tx.init(params))
@@ -154,9 +156,10 @@ def main():
     row["enorm_over_bn"] = row["enorm_overhead"] / row["bn_overhead"]
     row["enorm_over_gn"] = row["enorm_overhead"] / row["gn_overhead"]
     records.append(row)
-  _common.emit(records, ["model", "batch_size", "plain_ms", "enorm_overhead", "bn_overhead",
-                         "gn_overhead", "enorm_over_bn", "enorm_over_gn",
-                         "enorm_parallel_overhead", "bound_overhead", "bound_params_overhead"],
+  _common.emit(records, ["model", "batch_size", "plain_ms", "enorm_overhead",
+                         "enorm_unchecked_overhead", "bn_overhead", "gn_overhead",
+                         "enorm_over_bn", "enorm_over_gn", "enorm_parallel_overhead",
+                         "bound_overhead", "bound_params_overhead"],
                args.json)
   print("\nThroughput (images/s):")
   _common.emit(records, ["model", "batch_size", "plain_images_per_s", "enorm_images_per_s",

@@ -1,6 +1,5 @@
 """`enorm`: an optax wrapper that balances the params after every inner step."""
 
-
 import numbers
 import warnings
 from collections.abc import Collection, Mapping
@@ -14,8 +13,8 @@ from jax import lax
 from enorm_jax import outermost
 from enorm_jax import paths as tree_paths
 from enorm_jax.balance import FIRST_MOMENT, PARAM_COPY, SECOND_MOMENT, balance, check_hyperparams
-from enorm_jax.plan import Plan, Scales
 from enorm_jax.graph import RescalingGraph, require_graph
+from enorm_jax.plan import Plan, Scales
 
 # The power (`FIRST_MOMENT`, `SECOND_MOMENT`, `PARAM_COPY`) of each params-shaped
 # state field, keyed by the name of the field that holds the tree.
@@ -329,19 +328,21 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
         unit_scales=tuple(jnp.ones(g.size, jnp.float32) for g in graph) if bias_paths else (),
         applied={path: jnp.zeros(3, jnp.float32) for path in sorted(checked_paths)})
 
-  def with_bias_scales(tree, unit_scales, power):
-    """``tree`` with every bias leaf times its units' accumulated factors**power."""
+  def bias_factors(params, unit_scales):
+    """Each bias leaf's accumulated factor S (path -> array of the leaf's shape)."""
     if not unit_scales:
-      return tree
-    leaves = tree_paths.leaves_by_path(tree)
-    plan = Plan.build(graph, leaves)
+      return {}
+    plan = Plan.build(graph, tree_paths.leaves_by_path(params))
+    return {path: plan.scale(path, jnp.ones(plan.shape_of(path), jnp.float32), unit_scales,
+                             signs=(1,)) for path in bias_paths}
 
-    def scaled(path, x):
-      if path not in bias_paths or x is None:
-        return x
-      factor = plan.scale(path, jnp.ones(jnp.shape(x), jnp.float32), unit_scales, signs=(1,))
-      return (x * factor ** power).astype(x.dtype)
-    return tree_paths.map_with_path_str(scaled, tree)
+  def times(tree, factors, power):
+    """``tree`` with every bias leaf multiplied by its factor**power."""
+    if not factors:
+      return tree
+    return tree_paths.map_with_path_str(
+        lambda path, x: x if path not in factors or x is None
+        else (x * factors[path] ** power).astype(x.dtype), tree)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -350,10 +351,11 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     graph.validate(params)  # at trace time: clear errors before anything reads a path
     outermost.check_unchanged(state.applied, params, active=state.count > 0)
     unit_scales = state.unit_scales
+    factors = bias_factors(params, unit_scales)
     inner_updates, inner_state = inner.update(
-        with_bias_scales(updates, unit_scales, 1), state.inner_state,
-        with_bias_scales(params, unit_scales, -1), **extra_args)
-    stepped = optax.apply_updates(params, with_bias_scales(inner_updates, unit_scales, 1))
+        times(updates, factors, 1), state.inner_state, times(params, factors, -1),
+        **extra_args)
+    stepped = optax.apply_updates(params, times(inner_updates, factors, 1))
     count = optax.safe_increment(state.count)
 
     def balanced(operand):
