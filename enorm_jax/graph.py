@@ -224,9 +224,8 @@ class RescalingGraph:
     leave positions uncovered and none of them is marked ``partial``.
     """
     resolved = tuple(_resolve_group(g, leaves) for g in self.groups)
-    for (path, _, axes, _), (extent, spans) in self._spans(resolved).items():
-      gaps = _gaps(extent, spans)
-      if gaps and not any(partial for _, _, _, partial in spans):
+    for path, axes, extent, spans, gaps in self._uncovered(resolved):
+      if not any(partial for _, _, _, partial in spans):
         covered = ", ".join(f"{a}..{b - 1} ({label})" for a, b, label, _ in spans)
         raise ValueError(
             f"Parameter {path!r}, axis {axes[0] if len(axes) == 1 else axes}: the graph "
@@ -242,12 +241,14 @@ class RescalingGraph:
     axis that no entry covers (`resolve` raises for them unless an entry is
     ``partial``)."""
     resolved = tuple(_resolve_group(g, leaves) for g in self.groups)
-    out = {}
+    return {(path, axes): gaps for path, axes, _, _, gaps in self._uncovered(resolved)}
+
+  def _uncovered(self, resolved):
+    """``(path, axes, extent, spans, gaps)`` of every axis side with uncovered positions."""
     for (path, _, axes, _), (extent, spans) in self._spans(resolved).items():
       gaps = _gaps(extent, spans)
       if gaps:
-        out[(path, axes)] = gaps
-    return out
+        yield path, axes, extent, spans, gaps
 
   def _spans(self, resolved):
     """(path, view, axes, side) -> (extent, sorted [(start, stop, group label,

@@ -92,7 +92,7 @@ class EnormState(NamedTuple):
   count: jax.Array  # int32, number of updates so far
   inner_state: Any  # the inner optimizer's state
   unit_scales: tuple = ()  # per group, float32 (unit count,)
-  applied: dict = {}  # parameter path -> float32 (3,)
+  applied: dict = {}  # parameter path -> float32 [sum, sum of squares]
 
 
 def _params_key_paths(params: Any) -> set[tuple[str, ...]]:
@@ -326,7 +326,7 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     return EnormState(
         count=jnp.zeros([], jnp.int32), inner_state=inner_state,
         unit_scales=tuple(jnp.ones(g.size, jnp.float32) for g in graph) if bias_paths else (),
-        applied={path: jnp.zeros(3, jnp.float32) for path in sorted(checked_paths)})
+        applied={path: jnp.zeros(2, jnp.float32) for path in sorted(checked_paths)})
 
   def bias_factors(params, unit_scales):
     """Each bias leaf's accumulated factor S (path -> array of the leaf's shape)."""

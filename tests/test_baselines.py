@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import enorm_jax
-from experiments.appendix_a import apply as apply_mlp
-from tests.test_balance import mlp_graph, mlp_params
+from tests.chains import mlp_apply as apply_mlp
+from tests.chains import mlp_graph, mlp_params
 
 
 def bias_free_mlp(widths, seed):

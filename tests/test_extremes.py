@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 
 import enorm_jax
-from tests.test_balance import mlp_apply, mlp_graph, mlp_params, relative_error
+from tests.chains import mlp_apply, mlp_graph, mlp_params, relative_error
 
 
 def test_weights_from_1e_minus30_to_1e30_balance_in_float32():

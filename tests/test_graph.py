@@ -7,7 +7,7 @@ import pytest
 
 import enorm_jax
 from enorm_jax import Entry, Group, RescalingGraph
-from tests.test_balance import mlp_params, relative_error
+from tests.chains import mlp_params, relative_error
 
 
 def two_layer_graph(**consumer_kwargs):

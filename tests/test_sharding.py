@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import enorm_jax
-from tests.test_balance import mlp_graph, mlp_params
+from tests.chains import mlp_graph, mlp_params
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
                "all-to-all", "collective-broadcast")

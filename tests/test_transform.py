@@ -12,7 +12,7 @@ from flax.training import train_state
 
 import enorm_jax
 from tests import reference
-from tests.test_balance import mlp_apply, mlp_graph, mlp_params
+from tests.chains import mlp_apply, mlp_graph, mlp_params
 
 WIDTHS = [6, 8, 8, 3]
 LR, MOMENTUM, WD = 0.05, 0.9, 1e-3
