@@ -6,35 +6,38 @@ result are no longer a rescaling of the network: the function changes with no
 error. `enorm` therefore keeps a fingerprint of the params it returned (per
 rescaled leaf: the sum and the sum of squares, in float32) and compares the
 params of the next update with it. A mismatch raises at run time, from inside
-jit, through a callback that only runs on the mismatch branch.
+jit, through a `jax.pure_callback` that only runs on the mismatch branch. Its
+result feeds the updates, so that it is not removed as dead code and every read
+of the old params precedes the in-place write of donated params; a
+pure callback leaves the program without side effects, so jit keeps its fast
+dispatch path (a `jax.debug.callback` would make every step take the slow one).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from enorm_jax import paths as tree_paths
 
-Fingerprint = Mapping[str, jax.Array]
-
-
-def fingerprint(params: Any, paths: Collection[str]) -> Fingerprint:
-  """``{path: [sum, sum of squares]}`` in float32 for each leaf in ``paths``."""
+def fingerprint(params: Any, paths: Sequence[str]) -> jax.Array:
+  """``[sum, sum of squares]`` in float32 of each leaf in ``paths``: shape (len(paths), 2)."""
+  if not paths:
+    return jnp.zeros((0, 2), jnp.float32)
   leaves = tree_paths.leaves_by_path(params)
-  out = {}
-  for path in sorted(paths):
-    x = jnp.asarray(leaves[path]).astype(jnp.float32)
-    out[path] = jnp.stack([jnp.sum(x), jnp.sum(x * x)])
-  return out
+  xs = [jnp.ravel(leaves[path]).astype(jnp.float32) for path in paths]
+  # vdot: the squares are not materialized (a reduction of x * x would write them).
+  return jnp.stack([jnp.stack([jnp.sum(x), jnp.vdot(x, x)]) for x in xs])
 
 
 def _raise_changed(changed, paths):
-  bad = [p for p, flag in zip(paths, changed.tolist()) if flag]
+  bad = [p for p, flag in zip(paths, np.asarray(changed).reshape(-1, len(paths)).any(0))
+         if flag]
   if bad:
     raise ValueError(
         f"enorm: the params of this update are not those its previous update produced "
@@ -44,27 +47,36 @@ def _raise_changed(changed, paths):
         "(a scale, clipping, a learning rate) changes `balanced - params` and with it "
         "the network's function. Put it inside enorm(inner, ...). If you change the "
         "params between steps on purpose, pass check_applied=False.")
+  return np.bool_(True)
 
 
-def check_unchanged(expected: Fingerprint, params: Any, active: jax.Array) -> None:
-  """Raises (at run time) if ``params`` do not match ``expected`` where ``active``."""
-  if not expected:
-    return
-  paths = tuple(sorted(expected))
+def check_unchanged(expected: jax.Array, params: Any, paths: Sequence[str],
+                    active: jax.Array) -> jax.Array:
+  """Raises (at run time) if ``params`` do not match ``expected`` where ``active``.
+
+  ``expected`` is the `fingerprint` of ``paths`` the previous update stored.
+  Returns a scalar True that the caller must use, so that the check is not removed
+  as dead code: `enorm` makes its updates depend on it.
+  """
+  if not paths:
+    return jnp.bool_(True)
   leaves = tree_paths.leaves_by_path(params)
+  # Per-leaf constants, vectorized so that the check is a handful of ops, not one per leaf.
+  tol = np.array([max(1e-5, 4 * float(jnp.finfo(jnp.result_type(leaves[p])).eps))
+                  for p in paths], np.float32)
+  size = np.array([np.size(leaves[p]) for p in paths], np.float32)
   got = fingerprint(params, paths)
-  changed = []
-  for path in paths:
-    leaf = leaves[path]
-    tol = max(1e-5, 4 * float(jnp.finfo(jnp.result_type(leaf)).eps))
-    want, have = expected[path], got[path]
-    scale_sq = jnp.maximum(want[1], have[1])
-    # |sum x| <= sqrt(size * sum x^2): the sum's tolerance scales with that bound.
-    sum_ok = jnp.abs(have[0] - want[0]) <= tol * jnp.sqrt(jnp.size(leaf) * scale_sq) + 1e-30
-    sq_ok = jnp.abs(have[1] - want[1]) <= 2 * tol * scale_sq + 1e-30
-    finite = jnp.all(jnp.isfinite(want)) & jnp.all(jnp.isfinite(have))  # NaN: not ours
-    changed.append(finite & ~(sum_ok & sq_ok))
-  changed = jnp.stack(changed) & active
-  lax.cond(jnp.any(changed),
-           lambda c: jax.debug.callback(lambda c: _raise_changed(c, paths), c),
-           lambda c: None, changed)
+  scale_sq = jnp.maximum(expected[:, 1], got[:, 1])
+  diff = jnp.abs(got - expected)
+  # |sum x| <= sqrt(size * sum x^2): the sum's tolerance scales with that bound.
+  sum_ok = diff[:, 0] <= tol * jnp.sqrt(size * scale_sq) + 1e-30
+  sq_ok = diff[:, 1] <= 2 * tol * scale_sq + 1e-30
+  finite = jnp.all(jnp.isfinite(expected) & jnp.isfinite(got), axis=1)  # NaN: not ours
+  changed = finite & ~(sum_ok & sq_ok) & active
+  return lax.cond(
+      jnp.any(changed),
+      lambda c: jax.pure_callback(lambda c: _raise_changed(c, paths),
+                                  jax.ShapeDtypeStruct((), jnp.bool_), c,
+                                  vmap_method="broadcast_all"),
+      lambda c: jnp.bool_(True), changed)
+

@@ -92,7 +92,7 @@ class EnormState(NamedTuple):
   count: jax.Array  # int32, number of updates so far
   inner_state: Any  # the inner optimizer's state
   unit_scales: tuple = ()  # per group, float32 (unit count,)
-  applied: dict = {}  # parameter path -> float32 [sum, sum of squares]
+  applied: Any = ()  # float32 (checked leaves, 2): [sum, sum of squares] per leaf
 
 
 def _params_key_paths(params: Any) -> set[tuple[str, ...]]:
@@ -309,7 +309,7 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
   roles = dict(DEFAULT_STATE_ROLES)
   roles.update(state_roles or {})
   inner = optax.with_extra_args_support(inner)
-  checked_paths = graph.paths if check_applied else frozenset()
+  checked_paths = tuple(sorted(graph.paths)) if check_applied else ()
 
   def check_roles_match(inner_state):
     unknown = sorted(set(state_roles or {}) - _field_names(inner_state))
@@ -326,7 +326,7 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     return EnormState(
         count=jnp.zeros([], jnp.int32), inner_state=inner_state,
         unit_scales=tuple(jnp.ones(g.size, jnp.float32) for g in graph) if bias_paths else (),
-        applied={path: jnp.zeros(2, jnp.float32) for path in sorted(checked_paths)})
+        applied=jnp.zeros((len(checked_paths), 2), jnp.float32))
 
   def bias_factors(params, unit_scales):
     """Each bias leaf's accumulated factor S (path -> array of the leaf's shape)."""
@@ -349,7 +349,8 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
       raise ValueError("enorm needs the current params: call "
                        "tx.update(grads, state, params).")
     graph.validate(params)  # at trace time: clear errors before anything reads a path
-    outermost.check_unchanged(state.applied, params, active=state.count > 0)
+    checked = outermost.check_unchanged(state.applied, params, checked_paths,
+                                       active=state.count > 0)
     unit_scales = state.unit_scales
     factors = bias_factors(params, unit_scales)
     inner_updates, inner_state = inner.update(
@@ -373,8 +374,10 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     else:
       new_params, inner_state, unit_scales = lax.cond(count % every_k == 0, balanced,
                                                       lambda x: x, operand)
-    new_updates = jax.tree.map(lambda new, old: (new - old).astype(old.dtype)
-                               if hasattr(old, "dtype") else new,
+    # The updates depend on the check (NaN where it failed; it raises first): so every
+    # read of the old params precedes the in-place write of donated params, with no copy.
+    new_updates = jax.tree.map(lambda new, old: jnp.where(checked, new - old, jnp.nan)
+                               .astype(old.dtype) if hasattr(old, "dtype") else new,
                                new_params, params)
     return new_updates, EnormState(count=count, inner_state=inner_state,
                                    unit_scales=unit_scales,

@@ -1,5 +1,7 @@
 """Bad inputs raise (or are made right) instead of giving a silent wrong answer."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -164,6 +166,26 @@ def test_a_transformation_after_enorm_raises_at_the_next_update(after):
   params = optax.apply_updates(params, updates)
   with pytest.raises(Exception, match="enorm must be the outermost transformation"):
     jax.block_until_ready(step(params, state))
+
+
+def test_the_check_keeps_a_donated_step_fast():
+  """No side effects (jit keeps its fast dispatch path) and no copy of donated params."""
+  model, params, names = _mlp(64, depth=3)
+  graph = enorm_jax.chain_graph(params, names)
+  x = jax.random.normal(jax.random.key(3), (4, 4))
+  loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
+  tx = enorm_jax.enorm(optax.sgd(0.1), graph)
+
+  def step(p, s):
+    updates, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, updates), s
+
+  state = tx.init(params)
+  assert not jax.make_jaxpr(step)(params, state).effects
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state).compile().as_text()
+  kernel_copies = [line for line in hlo.splitlines()
+                   if re.search(r"f32\[64,64\]\{[0-9,]*\} copy\(", line)]
+  assert not kernel_copies, kernel_copies
 
 
 def test_outermost_enorm_and_wrappers_pass_the_check():
