@@ -138,8 +138,15 @@ def _group_sums(plan: Plan, gi: int, work: dict, stats: dict, t: Scales, p,
     current = plan.scale(r.path, work[r.path], t, exact=False)
     return unit_reduce(abs_pow(current.reshape(r.view), p), r, g.size)
 
-  incoming = g.producers + (g.biases if include_biases else ())
-  return sum(unit_sums(r) for r in incoming), sum(unit_sums(r) for r in g.consumers)
+  incoming, outgoing = _norm_entries(g, include_biases)
+  return sum(unit_sums(r) for r in incoming), sum(unit_sums(r) for r in outgoing)
+
+
+def _norm_entries(g, include_biases: bool):
+  """The entries of ``L`` (incoming) and ``R`` (outgoing) of resolved group ``g``."""
+  if include_biases:
+    return g.producers + g.biases, g.consumers + g.consumer_biases
+  return g.producers, g.consumers
 
 
 def _factor(log_in: jax.Array, log_out: jax.Array, p, c) -> jax.Array:
@@ -168,12 +175,12 @@ def _careful_factor(plan: Plan, gi: int, work: dict, stats: dict, t: Scales, p, 
   def current(path):
     return plan.scale(path, work[path], t, exact=False)
 
-  incoming = g.producers + (g.biases if include_biases else ())
+  incoming, outgoing = _norm_entries(g, include_biases)
   log_in, log_out = lax.cond(
       _trusted([s_in, s_out]),
       lambda: (jnp.log(s_in), jnp.log(s_out)),
       lambda: (_log_unit_sums(plan, current, incoming, g.size, p),
-               _log_unit_sums(plan, current, g.consumers, g.size, p)))
+               _log_unit_sums(plan, current, outgoing, g.size, p)))
   return _factor(log_in, log_out, p, c)
 
 
@@ -378,9 +385,7 @@ def energy(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.0
   check_hyperparams(p, c)
   by_path = tree_paths.leaves_by_path(params)
   groups = require_graph(graph).resolve(by_path)
-  counted = {r.path for g in groups for r in g.producers + g.consumers}
-  if include_biases:
-    counted |= {r.path for g in groups for r in g.biases}
+  counted = {r.path for g in groups for r in sum(_norm_entries(g, include_biases), ())}
   plain = isinstance(c, numbers.Real) and c == 1
   heights = None if plain else graph.heights
   if not plain and heights is None:

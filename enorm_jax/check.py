@@ -40,7 +40,7 @@ def _with_random_biases(params, graph, key):
   graph, and every all-zero float leaf (biases are usually initialised to 0, and
   a bias the graph forgot must show up too)."""
   leaves = tree_paths.leaves_by_path(params)
-  targets = {e.path for g in graph for e in g.biases + g.carried}
+  targets = {e.path for g in graph for e in g.biases + g.consumer_biases + g.carried}
   targets |= {p for p, v in leaves.items() if jnp.issubdtype(jnp.result_type(v), jnp.floating)
               and np.size(v) and not np.any(np.asarray(v))}
   keys = dict(zip(sorted(targets), jax.random.split(key, max(len(targets), 1))))

@@ -44,8 +44,10 @@ class Entry:
     view: optional shape the parameter is reshaped to (row-major) before ``axis``
       is applied. ``None`` means the parameter's own shape.
     offset: unit ``u`` is index ``offset + u`` along the (combined) axis.
-    bias: for producers only: path of a 1-D bias whose entry ``offset + u`` is
-      rescaled with unit ``u``.
+    bias: for producers and consumers: path of a bias whose entry ``offset + u``
+      is rescaled with unit ``u`` (multiplied for a producer, divided for a
+      consumer). Bias entries read along axis 0; give them in `Group.biases` or
+      `Group.consumer_biases` to use another axis or a view.
     partial: ``True`` declares that the graph deliberately leaves some positions
       of this axis unrescaled (e.g. half of a concatenation is read by an op
       that stops rescaling). Otherwise the graph's entries on a parameter axis
@@ -126,9 +128,14 @@ class Group:
     carried: entries multiplied by ``d`` that never enter the energy, e.g. the
       running mean of an eval-mode BatchNorm that reads the units.
     name: a label used in messages.
-    biases: 1-D entries multiplied by ``d`` that count in ``L`` only with
+    biases: bias entries multiplied by ``d`` that count in ``L`` only with
       ``include_biases``. A producer's ``Entry.bias`` is moved here, so both
       spellings give equal groups.
+    consumer_biases: bias entries divided by ``d`` that count in ``R`` only with
+      ``include_biases``: consumers that read the unit along their *output* axis,
+      like the key projection of a query/key group (scores ``q . k`` keep their
+      value when ``q_j`` is multiplied and ``k_j`` divided). A consumer's
+      ``Entry.bias`` is moved here.
   """
 
   size: int
@@ -137,9 +144,10 @@ class Group:
   carried: tuple[Entry, ...] = ()
   name: str = ""
   biases: tuple[Entry, ...] = ()
+  consumer_biases: tuple[Entry, ...] = ()
 
   def __post_init__(self):
-    for field in ("producers", "consumers", "carried", "biases"):
+    for field in ("producers", "consumers", "carried", "biases", "consumer_biases"):
       value = getattr(self, field)
       if isinstance(value, Entry):
         value = (value,)
@@ -154,14 +162,17 @@ class Group:
       raise ValueError(
           f"Group {self.label} needs at least one producer and one consumer; a unit "
           "without both has no finite balancing factor. Drop the group instead.")
-    if any(e.bias is not None for e in self.consumers + self.carried + self.biases):
-      raise ValueError(f"Group {self.label}: only producers carry a bias.")
-    moved = tuple(Entry(e.bias, 0, offset=e.offset, partial=e.partial)
-                  for e in self.producers if e.bias)
-    if moved:
-      object.__setattr__(self, "producers", tuple(
-          dataclasses.replace(e, bias=None) for e in self.producers))
-      object.__setattr__(self, "biases", self.biases + moved)
+    if any(e.bias is not None for e in self.carried + self.biases + self.consumer_biases):
+      raise ValueError(f"Group {self.label}: only producers and consumers carry a bias; "
+                       "a bias entry cannot have a bias of its own.")
+    for kernels, biases in (("producers", "biases"), ("consumers", "consumer_biases")):
+      entries = getattr(self, kernels)
+      moved = tuple(Entry(e.bias, 0, offset=e.offset, partial=e.partial)
+                    for e in entries if e.bias)
+      if moved:
+        object.__setattr__(self, kernels, tuple(
+            dataclasses.replace(e, bias=None) for e in entries))
+        object.__setattr__(self, biases, getattr(self, biases) + moved)
 
   @property
   def label(self) -> str:
@@ -174,7 +185,17 @@ class Group:
 
   def scaled_paths(self) -> tuple[str, ...]:
     """Every parameter path this group rescales."""
-    return tuple(e.path for e in self.producers + self.biases + self.consumers + self.carried)
+    return tuple(e.path for e in self.multiplied + self.divided)
+
+  @property
+  def multiplied(self) -> tuple[Entry, ...]:
+    """Entries multiplied by ``d``: producers, their biases and carried values."""
+    return self.producers + self.biases + self.carried
+
+  @property
+  def divided(self) -> tuple[Entry, ...]:
+    """Entries divided by ``d``: consumers and their biases."""
+    return self.consumers + self.consumer_biases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,8 +277,7 @@ class RescalingGraph:
     (divided: consumers); raises where two units of one side overlap."""
     spans = collections.defaultdict(list)
     for g, rg in zip(self.groups, resolved):
-      sides = ((1, g.producers + g.biases + g.carried, rg.producers + rg.biases + rg.carried),
-               (-1, g.consumers, rg.consumers))
+      sides = ((1, g.multiplied, rg.multiplied), (-1, g.divided, rg.divided))
       for side, entries, resolved_entries in sides:
         for e, r in zip(entries, resolved_entries):
           spans[(r.path, r.view, r.axes, side)].append(
@@ -317,6 +337,8 @@ class RescalingGraph:
       lines.append(f"      consumers: {fmt(g.consumers)}")
       if g.biases:
         lines.append(f"      biases:    {fmt(g.biases)}")
+      if g.consumer_biases:
+        lines.append(f"      consumer biases: {fmt(g.consumer_biases)}")
       if g.carried:
         lines.append(f"      carried:   {fmt(g.carried)}")
     return "\n".join(lines)
@@ -345,6 +367,15 @@ class ResolvedGroup:
   biases: tuple[ResolvedEntry, ...]
   consumers: tuple[ResolvedEntry, ...]
   carried: tuple[ResolvedEntry, ...]
+  consumer_biases: tuple[ResolvedEntry, ...]
+
+  @property
+  def multiplied(self) -> tuple[ResolvedEntry, ...]:
+    return self.producers + self.biases + self.carried
+
+  @property
+  def divided(self) -> tuple[ResolvedEntry, ...]:
+    return self.consumers + self.consumer_biases
 
 
 def _gaps(extent, spans):
@@ -400,18 +431,19 @@ def _resolve_entry(entry: Entry, leaves, group: Group) -> ResolvedEntry:
 
 
 def _resolve_group(group: Group, leaves) -> ResolvedGroup:
-  producers = tuple(_resolve_entry(e, leaves, group) for e in group.producers)
-  biases = []
-  for e in group.biases:
+  def resolve_all(entries):
+    return tuple(_resolve_entry(e, leaves, group) for e in entries)
+
+  for e in group.biases + group.consumer_biases:
     shape = _check_leaf(e.path, leaves, group)
-    if len(shape) != 1 and e.view is None:
+    if len(shape) != 1 and e.view is None and e.axes == (0,):
       raise ValueError(
-          f"Group {group.label}: bias {e.path!r} must be 1-D (or have a `view`), got "
-          f"shape {shape}.")
-    biases.append(_resolve_entry(e, leaves, group))
-  consumers = tuple(_resolve_entry(e, leaves, group) for e in group.consumers)
-  carried = tuple(_resolve_entry(e, leaves, group) for e in group.carried)
-  return ResolvedGroup(group.size, producers, tuple(biases), consumers, carried)
+          f"Group {group.label}: bias {e.path!r} has shape {shape}; a bias read along "
+          "axis 0 must be 1-D. Give its entry the axes of the units (e.g. "
+          "Entry(path, axis=(0, 1)) for a (heads, head_dim) bias) or a `view`.")
+  return ResolvedGroup(group.size, resolve_all(group.producers), resolve_all(group.biases),
+                       resolve_all(group.consumers), resolve_all(group.carried),
+                       resolve_all(group.consumer_biases))
 
 
 def _heights(graph: RescalingGraph) -> dict[str, int] | None:

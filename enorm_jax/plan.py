@@ -147,9 +147,9 @@ class Plan:
     groups = require_graph(graph).resolve(leaves)
     by_leaf: dict[str, list] = {}
     for gi, g in enumerate(groups):
-      for r in g.producers + g.biases + g.carried:
+      for r in g.multiplied:
         by_leaf.setdefault(r.path, []).append((gi, r, +1))
-      for r in g.consumers:
+      for r in g.divided:
         by_leaf.setdefault(r.path, []).append((gi, r, -1))
     return cls(groups, {k: tuple(v) for k, v in by_leaf.items()})
 

@@ -279,7 +279,7 @@ def _build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str
 def _unaccounted(graph, stopped, tr, paths, leaves) -> list[str]:
   """Reasons for every kernel-like parameter (ndim >= 2, or a norm's ``scale``) that
   is in no group and not yet explained, so that the report covers them all."""
-  in_graph = {e.path for g in graph for e in g.producers + g.consumers + g.biases + g.carried}
+  in_graph = {e.path for g in graph for e in g.multiplied + g.divided}
   explained = {line.split(" outputs: ")[0] for line in stopped}
   lines = []
   if not paths:
@@ -314,7 +314,8 @@ def _mark_partial(graph: RescalingGraph, shapes) -> RescalingGraph:
                  for e in entries)
   return RescalingGraph(tuple(
       dataclasses.replace(g, producers=mark(g.producers), consumers=mark(g.consumers),
-                          carried=mark(g.carried), biases=mark(g.biases))
+                          carried=mark(g.carried), biases=mark(g.biases),
+                          consumer_biases=mark(g.consumer_biases))
       for g in graph))
 
 

@@ -287,7 +287,7 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
   if not isinstance(every_k, numbers.Integral) or every_k < 1:
     raise ValueError(f"every_k must be an int >= 1, got every_k={every_k!r}.")
   require_graph(graph)
-  bias_paths = tuple(sorted({e.path for g in graph for e in g.biases}))
+  bias_paths = tuple(sorted({e.path for g in graph for e in g.biases + g.consumer_biases}))
   if bias_steps is None:
     if c != 1 and bias_paths:
       warnings.warn(
@@ -333,8 +333,8 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     if not unit_scales:
       return {}
     plan = Plan.build(graph, tree_paths.leaves_by_path(params))
-    return {path: plan.scale(path, jnp.ones(plan.shape_of(path), jnp.float32), unit_scales,
-                             signs=(1,)) for path in bias_paths}
+    return {path: plan.scale(path, jnp.ones(plan.shape_of(path), jnp.float32), unit_scales)
+            for path in bias_paths}
 
   def times(tree, factors, power):
     """``tree`` with every bias leaf multiplied by its factor**power."""

@@ -1,0 +1,213 @@
+"""The exact symmetries of a pre-LayerNorm transformer, as `RescalingGraph` groups.
+
+Each symmetry is checked numerically (`check_graph`), `balance` keeps the
+function, and `enorm(optax.adamw(...))` matches a hand-written AdamW whose
+balancing is an independent NumPy implementation of the block's groups.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import enorm_jax
+from enorm_jax import Entry, Group, RescalingGraph
+
+D, HEADS, HEAD_DIM, HIDDEN, VOCAB = 16, 2, 4, 32, 11
+
+
+class Block(nn.Module):
+  """A pre-LN decoder block with a ReLU MLP, an embedding and a head."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, D, name="embed")(tokens)
+    h = nn.LayerNorm(name="ln_attn")(x)
+    mask = nn.make_causal_mask(tokens)
+    x = x + nn.MultiHeadDotProductAttention(HEADS, qkv_features=HEADS * HEAD_DIM,
+                                            name="attn")(h, mask=mask)
+    h = nn.LayerNorm(name="ln_mlp")(x)
+    h = nn.relu(nn.Dense(HIDDEN, name="fc1")(h))
+    x = x + nn.Dense(D, name="fc2")(h)
+    return nn.Dense(VOCAB, name="head")(nn.LayerNorm(name="ln_final")(x))
+
+
+def block_graph():
+  """The block's groups, written by hand: MLP units, query/key, value/output, norm scales."""
+  qk = (1, 2)  # the (heads, head_dim) axes of a (D, heads, head_dim) projection
+  return RescalingGraph((
+      Group(HIDDEN, (Entry("fc1/kernel", 1, bias="fc1/bias"),), (Entry("fc2/kernel", 0),),
+            name="mlp"),
+      Group(HEADS * HEAD_DIM, (Entry("attn/query/kernel", qk),),
+            (Entry("attn/key/kernel", qk),), biases=(Entry("attn/query/bias", (0, 1)),),
+            consumer_biases=(Entry("attn/key/bias", (0, 1)),), name="query/key"),
+      Group(HEADS * HEAD_DIM, (Entry("attn/value/kernel", qk),),
+            (Entry("attn/out/kernel", (0, 1)),), biases=(Entry("attn/value/bias", (0, 1)),),
+            name="value/out"),
+      Group(D, (Entry("ln_attn/scale", 0, bias="ln_attn/bias"),),
+            tuple(Entry(f"attn/{n}/kernel", 0) for n in ("query", "key", "value")),
+            name="ln_attn"),
+      Group(D, (Entry("ln_mlp/scale", 0, bias="ln_mlp/bias"),), (Entry("fc1/kernel", 0),),
+            name="ln_mlp"),
+      Group(D, (Entry("ln_final/scale", 0, bias="ln_final/bias"),),
+            (Entry("head/kernel", 0),), name="ln_final"),
+  ))
+
+
+def _setup(seed=0):
+  model = Block()
+  tokens = jax.random.randint(jax.random.key(seed), (3, 7), 0, VOCAB)
+  params = model.init(jax.random.key(seed + 1), tokens)["params"]
+  # Non-trivial norm scales and biases, so that every symmetry is exercised.
+  keys = iter(jax.random.split(jax.random.key(seed + 2), 64))
+  params = jax.tree.map(lambda x: x * jnp.exp(0.5 * jax.random.normal(next(keys), x.shape))
+                        + 0.1 * jax.random.normal(next(keys), x.shape), params)
+  apply = lambda p, t: model.apply({"params": p}, t)
+  return model, params, tokens, apply
+
+
+def test_every_transformer_symmetry_keeps_the_function():
+  _, params, tokens, apply = _setup()
+  graph = block_graph()
+  # An independent random power-of-two factor per unit of every group: each
+  # symmetry is checked, and a wrong one fails (next test).
+  enorm_jax.check_graph(apply, params, graph, tokens)
+
+
+@pytest.mark.parametrize("wrong", ["query_bias_left_alone", "query_bias_divided",
+                                   "value_as_query"])
+def test_a_wrong_attention_group_fails_the_check(wrong):
+  # (The key bias cannot be got wrong: it shifts all of a query's scores by q . b_k,
+  # which softmax ignores. Dividing it keeps even the scores exact.)
+  _, params, tokens, apply = _setup()
+  g = block_graph().groups[1]
+  if wrong == "query_bias_left_alone":
+    g = Group(g.size, g.producers, g.consumers, consumer_biases=g.consumer_biases)
+  elif wrong == "query_bias_divided":
+    g = Group(g.size, g.producers, g.consumers,
+              consumer_biases=g.consumer_biases + g.biases)
+  else:  # scores do not keep their value when v is scaled against k
+    g = Group(g.size, (Entry("attn/value/kernel", (1, 2)),), g.consumers)
+  with pytest.raises(ValueError, match="does not preserve the function"):
+    enorm_jax.check_graph(apply, params, RescalingGraph((g,)), tokens)
+
+
+@pytest.mark.parametrize("include_biases", [False, True])
+def test_balance_keeps_the_function_and_lowers_the_energy(include_biases):
+  _, params, tokens, apply = _setup()
+  graph = block_graph()
+  balanced, _ = enorm_jax.balance(params, graph, cycles=5, include_biases=include_biases)
+  out, got = apply(params, tokens), apply(balanced, tokens)
+  assert float(jnp.max(jnp.abs(got - out)) / jnp.max(jnp.abs(out))) < 2e-5
+  before = enorm_jax.energy(params, graph, include_biases=include_biases)
+  after = enorm_jax.energy(balanced, graph, include_biases=include_biases)
+  assert float(after) < 0.9 * float(before)
+  # The result agrees with the independent reference.
+  want, _ = reference_balance(params, cycles=5, include_biases=include_biases)
+  for path, leaf in _flat(balanced).items():
+    np.testing.assert_allclose(leaf, want[path], rtol=2e-4, atol=1e-6, err_msg=path)
+
+
+# --- An independent NumPy implementation of the block's groups. ---
+
+def _flat(tree):
+  return {"/".join(str(k.key) for k in kp): np.asarray(v, np.float64)
+          for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat(flat, like):
+  paths = _flat(like)
+  leaves = [jnp.asarray(flat[p], jnp.float32) for p in paths]
+  return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def reference_balance(params, cycles=1, c=1.0, include_biases=False):
+  """Gauss-Seidel over the block's groups in `block_graph` order; returns the
+  balanced flat params and each parameter's elementwise factor (new / old)."""
+  w = _flat(params)
+  factor = {k: np.ones_like(v) for k, v in w.items()}
+  q, k, v, o = (f"attn/{n}/kernel" for n in ("query", "key", "value", "out"))
+
+  def scale(path, d, index):
+    w[path][index] *= d
+    factor[path][index] *= d
+
+  def sq(path, index):
+    return np.sum(w[path][index] ** 2)
+
+  for _ in range(cycles):
+    for u in range(HIDDEN):  # MLP hidden units
+      left = sq("fc1/kernel", (slice(None), u)) + include_biases * w["fc1/bias"][u] ** 2
+      d = np.sqrt(np.sqrt(sq("fc2/kernel", u) / left) / c)
+      scale("fc1/kernel", d, (slice(None), u)); scale("fc1/bias", d, u)
+      scale("fc2/kernel", 1 / d, u)
+    for h in range(HEADS):
+      for j in range(HEAD_DIM):
+        col = (slice(None), h, j)
+        left = sq(q, col) + include_biases * w["attn/query/bias"][h, j] ** 2
+        right = sq(k, col) + include_biases * w["attn/key/bias"][h, j] ** 2
+        d = np.sqrt(np.sqrt(right / left) / c)
+        scale(q, d, col); scale("attn/query/bias", d, (h, j))
+        scale(k, 1 / d, col); scale("attn/key/bias", 1 / d, (h, j))
+    for h in range(HEADS):
+      for j in range(HEAD_DIM):
+        col = (slice(None), h, j)
+        left = sq(v, col) + include_biases * w["attn/value/bias"][h, j] ** 2
+        d = np.sqrt(np.sqrt(sq(o, (h, j)) / left) / c)
+        scale(v, d, col); scale("attn/value/bias", d, (h, j)); scale(o, 1 / d, (h, j))
+    for norm, readers in (("ln_attn", (q, k, v)), ("ln_mlp", ("fc1/kernel",)),
+                          ("ln_final", ("head/kernel",))):
+      for u in range(D):
+        left = w[f"{norm}/scale"][u] ** 2 + include_biases * w[f"{norm}/bias"][u] ** 2
+        d = np.sqrt(np.sqrt(sum(sq(r, u) for r in readers) / left) / c)
+        scale(f"{norm}/scale", d, u); scale(f"{norm}/bias", d, u)
+        for r in readers:
+          scale(r, 1 / d, u)
+  return w, factor
+
+
+def test_enorm_adamw_matches_a_hand_written_reference():
+  _, params, tokens, apply = _setup(seed=3)
+  targets = jnp.roll(tokens, -1, axis=1)
+  graph = block_graph()
+  lr, b1, b2, eps, wd, steps = 3e-3, 0.9, 0.99, 1e-8, 1e-2, 6
+
+  def loss(p):
+    logits = apply(p, tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+  tx = enorm_jax.enorm(optax.adamw(lr, b1, b2, eps, weight_decay=wd), graph)
+
+  @jax.jit
+  def step(p, state):
+    updates, state = tx.update(jax.grad(loss)(p), state, p)
+    return optax.apply_updates(p, updates), state
+
+  p, state = params, tx.init(params)
+  for _ in range(steps):
+    p, state = step(p, state)
+
+  w = _flat(params)
+  mu = {k: np.zeros_like(x) for k, x in w.items()}
+  nu = {k: np.zeros_like(x) for k, x in w.items()}
+  grad = jax.jit(jax.grad(loss))
+  for t in range(1, steps + 1):
+    grads = _flat(grad(_unflat(w, params)))
+    for key in w:
+      mu[key] = b1 * mu[key] + (1 - b1) * grads[key]
+      nu[key] = b2 * nu[key] + (1 - b2) * grads[key] ** 2
+      adam = (mu[key] / (1 - b1 ** t)) / (np.sqrt(nu[key] / (1 - b2 ** t)) + eps)
+      w[key] = w[key] - lr * (adam + wd * w[key])
+    w, factor = reference_balance(_unflat(w, params))
+    mu = {key: mu[key] / factor[key] for key in w}
+    nu = {key: nu[key] / factor[key] ** 2 for key in w}
+  got = _flat(p)
+  for key in w:
+    if key == "attn/key/bias":
+      # Softmax ignores the key bias, so its gradient is rounding noise, which Adam
+      # normalizes into steps of about lr: compare it to that bound only.
+      assert np.max(np.abs(got[key] - w[key])) <= 2 * steps * lr * np.max(np.abs(w[key]) + 1)
+      continue
+    np.testing.assert_allclose(got[key], w[key], rtol=2e-3, atol=2e-5, err_msg=key)
