@@ -11,6 +11,8 @@ result feeds the updates, so that it is not removed as dead code and every read
 of the old params precedes the in-place write of donated params; a
 pure callback leaves the program without side effects, so jit keeps its fast
 dispatch path (a `jax.debug.callback` would make every step take the slow one).
+Under SPMD the callback runs on one device and its boolean result is shared by
+an all-reduce inside the error branch, which runs only when the check fails.
 """
 
 from __future__ import annotations

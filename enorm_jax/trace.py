@@ -37,7 +37,8 @@ from jax.extend import core as jcore
 from enorm_jax import paths as tree_paths
 from enorm_jax import trace_contractions, trace_rules  # noqa: F401  (register the rules)
 from enorm_jax.graph import Entry, Group, RescalingGraph
-from enorm_jax.trace_core import UNSCALED, ParamView, Scaled, TraceStop, Tracer, rule_for, taint_all
+from enorm_jax.trace_core import (ACTIVATION, UNSCALED, ParamView, Scaled, TraceStop, Tracer,
+                                  rule_for, taint_all)
 
 _SUB_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
@@ -96,7 +97,7 @@ def _interpret(tr: Tracer, jaxpr, consts, in_tags) -> list:
     tr.where, tr.primitive = _where(eqn), eqn.primitive.name
     involved = any(isinstance(t, (Scaled, ParamView)) for t in tags)
     if not involved:
-      outs = [None] * len(eqn.outvars)
+      outs = [ACTIVATION if any(t is ACTIVATION for t in tags) else None] * len(eqn.outvars)
       if all(isinstance(t, np.ndarray) for t in tags) and eqn.primitive.name in (
           "broadcast_in_dim", "convert_element_type", "reshape"):
         try:
@@ -117,6 +118,8 @@ def _interpret(tr: Tracer, jaxpr, consts, in_tags) -> list:
         except TraceStop as e:
           taint_all(tr, tags, str(e))
           outs = [None] * len(eqn.outvars)
+      if any(isinstance(t, Scaled) or t is ACTIVATION for t in tags):
+        outs = [ACTIVATION if o is None else o for o in outs]
     for v, t in zip(eqn.outvars, outs):
       env[v] = t
   return [read(v) for v in jaxpr.outvars]
@@ -208,11 +211,23 @@ def explain_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
   paths = [tree_paths.key_path_str(kp) for kp, _ in flat]
   leaves = [leaf for _, leaf in flat]
   shapes = {p: tuple(np.shape(leaf)) for p, leaf in zip(paths, leaves)}
-  closed = jax.make_jaxpr(lambda p: apply_fn(p, *example_args, **example_kwargs))(params)
+  # Array inputs become jaxpr inputs (tagged ACTIVATION); anything else stays static.
+  inputs, input_tree = jax.tree.flatten((example_args, example_kwargs))
+  dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in inputs]
+
+  def call(p, arrays):
+    it = iter(arrays)
+    args, kwargs = jax.tree.unflatten(
+        input_tree, [next(it) if d else x for x, d in zip(inputs, dynamic)])
+    return apply_fn(p, *args, **kwargs)
+
+  arrays = [x for x, d in zip(inputs, dynamic) if d]
+  closed = jax.make_jaxpr(call)(params, arrays)
   tr = Tracer(shapes)
   in_tags = [ParamView(p, np.arange(int(np.prod(s)), dtype=np.int64).reshape(s))
              if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) else None
              for p, s, leaf in zip(paths, shapes.values(), leaves)]
+  in_tags += [ACTIVATION] * len(arrays)
   outs = _interpret(tr, closed.jaxpr, closed.consts, in_tags)
   tr.where, tr.primitive = "the function's output", "output"
   for t in outs:
@@ -231,14 +246,21 @@ def _build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str
   for u, root in enumerate(tr.roots().tolist()):
     classes[root].append(u)
   # Per class: which (role, path) leaves it touches, in order of first appearance.
+  # A unit whose factor is the inverse of its class's (a key projection's, tied to
+  # the queries) plays the opposite role: producers are divided, consumers multiplied.
   signature: dict[int, dict[tuple[str, str], None]] = collections.defaultdict(dict)
   leaf_classes: dict[tuple[str, str], np.ndarray] = {}
-  table = tr.roots()
-  for key, units in tr.leaf_units.items():
-    roots = np.where(units >= 0, table[np.maximum(units, 0)], UNSCALED)
-    leaf_classes[key] = roots
-    for r in np.unique(roots[roots >= 0]).tolist():
-      signature[r][key] = None
+  table, parity = tr.roots(), tr.parities()
+  for (role, path), units in tr.leaf_units.items():
+    used = units >= 0
+    roots = np.where(used, table[np.maximum(units, 0)], UNSCALED)
+    inverse = used & (parity[np.maximum(units, 0)] == 1)
+    for key, mask in (((role, path), used & ~inverse), (("inverse_" + role, path), inverse)):
+      if mask.any():
+        previous = leaf_classes.get(key, np.full(units.shape, UNSCALED, np.int64))
+        leaf_classes[key] = np.where(mask, roots, previous)
+        for r in np.unique(roots[mask]).tolist():
+          signature[r][key] = None
   reasons: dict[str, str] = {}
   valid = {}
   for root, members in classes.items():
@@ -248,11 +270,15 @@ def _build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str
     problem = next((tr.stopped[u] for u in members if u in tr.stopped), None)
     if problem is None:
       problem = next((f"{p} is {tr.tainted[p]}" for p in touched if p in tr.tainted), None)
-    if problem is None and not {"producer", "consumer"} <= roles:
-      problem = "not read by any later parameterized layer" if "producer" in roles \
+    fields = {_GROUP_FIELD[role] for role in roles}
+    if problem is None and None in fields:
+      problem = "a carried value (a running mean) would need the inverse factor"
+    if problem is None and not {"producers", "consumers"} <= fields:
+      problem = "not read by any later parameterized layer" if "producers" in fields \
           else "not produced by a parameterized layer"
-    if problem is None and any(("producer", p) in sig and ("consumer", p) in sig
-                               for p in touched):
+    if problem is None and any(
+        {_GROUP_FIELD[r] for r, q in sig if q == p} >= {"producers", "consumers"}
+        for p in touched):
       problem = "a parameter both produces and consumes the same units (weight sharing)"
     if problem is None:
       valid[root] = tuple(sig)
@@ -265,7 +291,7 @@ def _build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str
   groups = []
   for sig, roots in by_signature.items():
     group, problem = _make_group(sig, set(roots), leaf_classes)
-    anchor = next(p for role, p in sig if role == "producer")
+    anchor = next(p for role, p in sig if role in ("producer", "inverse_consumer"))
     if group is None:
       reasons.setdefault(f"{anchor.rsplit('/', 1)[0]} outputs", problem)
     else:
@@ -319,6 +345,13 @@ def _mark_partial(graph: RescalingGraph, shapes) -> RescalingGraph:
       for g in graph))
 
 
+# Tracer role -> Group field; "inverse_" roles belong to units tied inverse to their class.
+_GROUP_FIELD = {"producer": "producers", "consumer": "consumers", "bias": "biases",
+                "carried": "carried", "inverse_producer": "consumers",
+                "inverse_consumer": "producers", "inverse_bias": "consumer_biases",
+                "inverse_carried": None}
+
+
 def _make_group(sig, roots, leaf_classes):
   order = None
   entries = collections.defaultdict(list)
@@ -333,12 +366,10 @@ def _make_group(sig, roots, leaf_classes):
       order = sequence
     elif sequence != order:
       return None, f"{path}: its units are in a different order than the group's"
-    entries[role].append(entry)
-  anchor = next(p for role, p in sig if role == "producer")
+    entries[_GROUP_FIELD[role]].append(entry)
+  anchor = next(p for role, p in sig if role in ("producer", "inverse_consumer"))
   name = f"{anchor.rsplit('/', 1)[0]} outputs"
-  return Group(len(order), tuple(entries["producer"]), tuple(entries["consumer"]),
-               carried=tuple(entries["carried"]), biases=tuple(entries["bias"]),
-               name=name), None
+  return Group(len(order), **{f: tuple(e) for f, e in entries.items()}, name=name), None
 
 
 def _divisors(n):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from enorm_jax.trace_core import (UNSCALED, ParamView, Scaled, TraceStop, rule,
+from enorm_jax.trace_core import (ACTIVATION, UNSCALED, ParamView, Scaled, TraceStop, rule,
                                   taint_all)
 
 
@@ -27,7 +27,7 @@ def _dot_general(tr, eqn, tags):
           for s, c, b in zip(shapes, contract, batch)]
   free_pos = (len(lb), len(lb) + len(free[0]))  # where each side's free dims start
   if all(isinstance(t, Scaled) for t in tags):
-    return taint_all(tr, tags, "multiplied (dot_general) by another scaled value")
+    return _bilinear(tr, tags, contract, batch)
   if all(isinstance(t, ParamView) for t in tags):
     return taint_all(tr, tags, "multiplied by another parameter")
   out_units = np.full(out_shape, UNSCALED, np.int64)
@@ -89,6 +89,33 @@ def _place(values, dims, shape):
   dims = list(dims)
   expanded = values.reshape([shape[d] if d in dims else 1 for d in range(len(shape))])
   return np.broadcast_to(expanded, shape)
+
+
+def _bilinear(tr, tags, contract, batch):
+  """Two scaled values contracted together, like attention scores ``q . k``.
+
+  Each output element sums products ``q_j k_j``; it keeps its value if every
+  pair multiplied together has inverse factors. That holds when both sides'
+  units sit on the contracted and batch dims only (constant over the free dims,
+  the query and key positions), and the pairs are tied inverse: the key
+  projection's units become the query projection's, divided.
+  """
+  pairs = []
+  for side, t in enumerate(tags):
+    kept = list(batch[side]) + list(contract[side])
+    free = [d for d in range(t.units.ndim) if d not in kept]
+    per = _constant_over(t.units, free)
+    if per is None:
+      raise TraceStop("multiplied (dot_general) by another scaled value, with units that "
+                      "vary along the free dimensions")
+    ascending = sorted(kept)
+    pairs.append(np.transpose(per, [ascending.index(d) for d in kept]))
+  a, b = pairs
+  both = (a >= 0) & (b >= 0)
+  if ((a >= 0) != (b >= 0)).any():
+    raise TraceStop("multiplied (dot_general) by a value that is scaled at other positions")
+  tr.union(a[both], b[both], inverse=True)
+  return [ACTIVATION]
 
 
 def _constant_over(units, axes):

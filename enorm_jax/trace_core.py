@@ -6,7 +6,10 @@ A rule maps the input tags of one jaxpr equation to its output tags:
   rescaled (``units[i] = -1``: not scaled);
 * `ParamView`: element ``i`` is ``leaf[index[i]]`` of one parameter (reshaped,
   broadcast, ...), possibly times unscaled factors;
-* a ``np.ndarray``: a known constant; ``None``: any other value.
+* `ACTIVATION`: an unscaled value that depends on the function's inputs (a
+  normalized activation, the embedded tokens);
+* a ``np.ndarray``: a known constant; ``None``: any other value (e.g. computed
+  from parameters or closed-over arrays only).
 
 It records events on the `Tracer` (``record`` a parameter slice that produces,
 consumes or carries units; ``stop`` units; ``taint`` a parameter) and raises
@@ -30,6 +33,14 @@ class Scaled:
   units: np.ndarray  # int64, shape of the value; -1 where not scaled
 
 
+class _Activation:
+  def __repr__(self):
+    return "ACTIVATION"
+
+
+ACTIVATION = _Activation()
+
+
 @dataclasses.dataclass
 class ParamView:
   path: str
@@ -47,6 +58,7 @@ class Tracer:
     self.leaf_shapes = leaf_shapes
     self.next_unit = 0
     self.parent: dict[int, int] = {}
+    self.parity: dict[int, int] = {}  # relative to the parent (see `union`)
     # (role, path) -> unit of each leaf element (-1: none), in order of first use.
     self.leaf_units: dict[tuple[str, str], np.ndarray] = {}
     self.unit_producer: dict[int, str] = {}
@@ -60,33 +72,52 @@ class Tracer:
     units = np.arange(self.next_unit, self.next_unit + n, dtype=np.int64)
     for u in units:
       self.parent[int(u)] = int(u)
+      self.parity[int(u)] = 0
       self.unit_producer[int(u)] = producer
     self.next_unit += n
     return units
 
   def find(self, u: int) -> int:
-    root = u
-    while self.parent[root] != root:
-      root = self.parent[root]
-    while self.parent[u] != root:
-      self.parent[u], u = root, self.parent[u]
-    return root
+    return self._find(u)[0]
 
-  def union(self, a: np.ndarray, b: np.ndarray) -> None:
+  def _find(self, u: int) -> tuple[int, int]:
+    """(root, parity): parity 1 means ``d[u] = 1 / d[root]``."""
+    path = []
+    while self.parent[u] != u:
+      path.append(u)
+      u = self.parent[u]
+    root, acc = u, 0
+    for v in reversed(path):  # compress: parity of v relative to the root
+      acc ^= self.parity[v]
+      self.parent[v], self.parity[v] = root, acc
+    return (root, self.parity[path[0]]) if path else (root, 0)
+
+  def union(self, a: np.ndarray, b: np.ndarray, inverse: bool = False) -> None:
+    """Ties ``d[a] = d[b]`` elementwise (``d[a] = 1 / d[b]`` with ``inverse``)."""
     a, b = np.ravel(a), np.ravel(b)
-    differ = a != b
+    differ = (a != b) | inverse
     if not differ.any():
       return
     base = self.next_unit + 1
     keys = np.unique(a[differ] * base + b[differ])
     for x, y in zip((keys // base).tolist(), (keys % base).tolist()):
-      rx, ry = self.find(x), self.find(y)
-      if rx != ry:
-        self.parent[max(rx, ry)] = min(rx, ry)
+      (rx, px), (ry, py) = self._find(x), self._find(y)
+      want = px ^ py ^ int(inverse)  # parity of rx relative to ry
+      if rx == ry:
+        if want:
+          self.stopped.setdefault(rx, f"tied to its own inverse [{self.primitive}] at "
+                                      f"{self.where}")
+        continue
+      child, root = max(rx, ry), min(rx, ry)
+      self.parent[child], self.parity[child] = root, want
 
   def roots(self) -> np.ndarray:
     """Lookup table: unit -> its class representative."""
     return np.array([self.find(u) for u in range(self.next_unit)], np.int64)
+
+  def parities(self) -> np.ndarray:
+    """Lookup table: unit -> 1 if its factor is the inverse of its representative's."""
+    return np.array([self._find(u)[1] for u in range(self.next_unit)], np.int64)
 
   def stop(self, units: np.ndarray, reason: str) -> None:
     for u in np.unique(units[units >= 0]).tolist():
@@ -124,8 +155,9 @@ _RULES: dict[str, RuleFn] = {}
 def register_rule(primitive_name: str, rule: RuleFn | None) -> RuleFn | None:
   """Registers ``rule(tracer, eqn, in_tags) -> out_tags`` for a primitive.
 
-  ``in_tags`` holds a `Scaled`, a `ParamView`, a ``np.ndarray`` (a known
-  constant) or ``None`` per input. Raise `TraceStop` (or return ``None`` tags
+  ``in_tags`` holds a `Scaled`, a `ParamView`, `ACTIVATION`, a ``np.ndarray``
+  (a known constant) or ``None`` per input. Outputs returned as ``None`` from
+  inputs that include a `Scaled` or `ACTIVATION` become `ACTIVATION`. Raise `TraceStop` (or return ``None`` tags
   after calling ``tracer.stop``) when the op does not commute with positive
   per-unit scaling of its scaled inputs.
 

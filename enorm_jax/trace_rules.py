@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from enorm_jax.trace_core import UNSCALED, ParamView, Scaled, TraceStop, rule, taint_all
+from enorm_jax.trace_core import (ACTIVATION, UNSCALED, ParamView, Scaled, TraceStop, rule,
+                                  taint_all)
 
 
 def _shape(var) -> tuple[int, ...]:
@@ -178,6 +179,14 @@ def _mul(tr, eqn, tags):
     return [None]
   if not isinstance(a, Scaled) and not isinstance(b, Scaled):
     views = [t for t in tags if isinstance(t, ParamView)]
+    index = _broadcast_to(views[0].index, out_shape) if len(views) == 1 else None
+    if index is not None and any(t is ACTIVATION for t in tags) and _repeats(index):
+      # A per-feature gain broadcast over an activation's positions (a LayerNorm's
+      # or RMSNorm's scale): each element produces a unit. A gain used once per
+      # element (a BatchNorm's scale folded into its statistics) stays linear.
+      new = _new_units_for_view(tr, views[0].path, index)
+      tr.record("producer", ParamView(views[0].path, index), new)
+      return [Scaled(new)]
     if len(views) == 1:  # a parameter times an unscaled factor stays linear in it
       return [ParamView(views[0].path, _broadcast_to(views[0].index, out_shape))]
     for t in views:
@@ -192,6 +201,11 @@ def _mul(tr, eqn, tags):
     tr.record("producer", ParamView(other.path, index), new)
     return [Scaled(new)]
   return [Scaled(units)]
+
+
+def _repeats(index) -> bool:
+  used = index[index >= 0]
+  return used.size > 0 and int(np.bincount(used).max()) > 1
 
 
 def _new_units_for_view(tr, path, index):

@@ -211,3 +211,98 @@ def test_enorm_adamw_matches_a_hand_written_reference():
       assert np.max(np.abs(got[key] - w[key])) <= 2 * steps * lr * np.max(np.abs(w[key]) + 1)
       continue
     np.testing.assert_allclose(got[key], w[key], rtol=2e-3, atol=2e-5, err_msg=key)
+
+
+# --- The tracer finds every symmetry. ---
+
+def _groups_by_paths(graph):
+  return {(tuple(e.path for e in g.producers), tuple(e.path for e in g.consumers),
+           tuple(e.path for e in g.biases), tuple(e.path for e in g.consumer_biases)): g.size
+          for g in graph}
+
+
+def test_trace_finds_every_symmetry_of_a_linen_block():
+  _, params, tokens, apply = _setup()
+  report = enorm_jax.explain_graph(apply, params, tokens)
+  assert _groups_by_paths(report.graph) == _groups_by_paths(block_graph())
+  assert report.graph.num_units == HIDDEN + 2 * HEADS * HEAD_DIM + 3 * D
+  enorm_jax.check_graph(apply, params, report.graph, tokens)
+  balanced, _ = enorm_jax.balance(params, report.graph, cycles=3)
+  out = apply(params, tokens)
+  assert float(jnp.max(jnp.abs(apply(balanced, tokens) - out)) / jnp.max(jnp.abs(out))) < 2e-5
+  text = "\n".join(report.stopped)
+  assert "attn/out outputs: added to a value that does not scale with it" in text  # residual
+
+
+class EinsumLM(nn.Module):
+  """Hand-written attention (einsum, causal mask, RMSNorm, eval dropout), 2 layers."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, D)(tokens)
+    t = tokens.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    for _ in range(2):
+      h = nn.RMSNorm()(x)
+      q = nn.DenseGeneral((HEADS, HEAD_DIM), use_bias=False)(h)
+      k = nn.DenseGeneral((HEADS, HEAD_DIM), use_bias=False)(h)
+      v = nn.DenseGeneral((HEADS, HEAD_DIM))(h)
+      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(HEAD_DIM)
+      weights = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
+      weights = nn.Dropout(0.1, deterministic=True)(weights)
+      a = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+      x = x + nn.DenseGeneral(D, axis=(-2, -1))(a)
+      h = nn.relu(nn.Dense(HIDDEN)(nn.RMSNorm()(x)))
+      x = x + nn.Dropout(0.1, deterministic=True)(nn.Dense(D)(h))
+    return nn.Dense(VOCAB)(nn.RMSNorm()(x))
+
+
+def test_trace_finds_hand_written_einsum_attention_with_rmsnorm():
+  model = EinsumLM()
+  tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, VOCAB)
+  params = model.init(jax.random.key(1), tokens)["params"]
+  apply = lambda p, t: model.apply({"params": p}, t)
+  report = enorm_jax.explain_graph(apply, params, tokens)
+  # Per layer: attention norm, query/key, value/out, MLP norm, MLP; then the final norm.
+  assert len(report.graph) == 11, report.describe()
+  assert report.graph.num_units == 2 * (D + 2 * HEADS * HEAD_DIM + D + HIDDEN) + D
+  enorm_jax.check_graph(apply, params, report.graph, tokens)
+
+
+def test_trace_finds_nnx_multi_head_attention():
+  from flax import nnx
+
+  class NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+      self.norm = nnx.LayerNorm(D, rngs=rngs)
+      self.attn = nnx.MultiHeadAttention(HEADS, D, qkv_features=HEADS * HEAD_DIM,
+                                         decode=False, rngs=rngs)
+      self.mlp_norm = nnx.LayerNorm(D, rngs=rngs)
+      self.fc1, self.fc2 = nnx.Linear(D, HIDDEN, rngs=rngs), nnx.Linear(HIDDEN, D, rngs=rngs)
+      self.head = nnx.Linear(D, VOCAB, rngs=rngs)
+
+    def __call__(self, tokens):
+      x = self.embed(tokens)
+      x = x + self.attn(self.norm(x), mask=nnx.make_causal_mask(tokens))
+      x = x + self.fc2(nnx.relu(self.fc1(self.mlp_norm(x))))
+      return self.head(x)
+
+  graphdef, state = nnx.split(NnxBlock(nnx.Rngs(0)))
+  tokens = jax.random.randint(jax.random.key(0), (2, 5), 0, VOCAB)
+  apply = lambda s, t: nnx.merge(graphdef, s)(t)
+  graph = enorm_jax.trace_graph(apply, state, tokens)
+  # norm -> q/k/v, query/key, value/out, MLP norm -> fc1, MLP hidden.
+  assert len(graph) == 5
+  assert graph.num_units == D + 2 * HEADS * HEAD_DIM + D + HIDDEN
+  enorm_jax.check_graph(apply, state, graph, tokens)
+
+
+def test_a_product_of_a_value_with_itself_is_not_a_symmetry():
+  """x . x (a Gram matrix) would tie each unit to its own inverse: d = 1/d."""
+  params = {"a": jax.random.normal(jax.random.key(0), (4, 3)),
+            "b": jax.random.normal(jax.random.key(1), (5, 2))}
+  fn = lambda p, x: (jnp.einsum("ni,mi->nm", x @ p["a"], x @ p["a"])).reshape(-1, 5) @ p["b"]
+  report = enorm_jax.explain_graph(fn, params, jnp.ones((5, 4)))
+  assert report.graph.num_units == 0
+  assert any("inverse" in line for line in report.stopped), report.stopped

@@ -36,7 +36,7 @@ def test_graph_is_hashable_and_static():
      r"'Dense_1/kernel' has shape \(4, 2\).*views it as \(3, 3\)"),
     (RescalingGraph((Group(4, (Entry("Dense_0/kernel", 1, bias="Dense_1/kernel"),),
                            (Entry("Dense_1/kernel", 0),)),)),
-     r"bias .Dense_1/kernel. must be 1-D"),
+     r"bias .Dense_1/kernel. has shape \(4, 2\); a bias read along axis 0 must be 1-D"),
 ])
 def test_mismatched_graph_names_path_and_sizes(graph, match):
   params = mlp_params([3, 4, 2])

@@ -366,8 +366,12 @@ def test_check_graph_catches_batchnorm_treated_as_transparent():
   wrong = enorm_jax.chain_graph(params, ["Dense_0", "Dense_1", "Dense_2", "Dense_3"])
   with pytest.raises(ValueError, match="does not preserve"):
     enorm_jax.check_graph(fn, params, wrong, x)
-  # The tracer does not make that mistake: it finds no group across the BNs.
-  assert enorm_jax.trace_graph(fn, params, x).num_units == 0
+  # The tracer does not make that mistake: no group crosses a BN. What it finds
+  # is exact: each BN's scale and bias against the next layer's rows.
+  graph = enorm_jax.trace_graph(fn, params, x)
+  assert [[e.path for e in g.producers] for g in graph] == [
+      [f"Norm_{i}/BatchNorm_0/scale"] for i in range(3)]
+  enorm_jax.check_graph(fn, params, graph, x)
 
 
 def test_check_graph_reports_dead_units():
