@@ -154,7 +154,10 @@ def trace_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
   concatenations, bias adds, products with unscaled factors, residual adds
   (which merge groups), eval-mode BatchNorm (pass the full variables, so the
   running mean is a leaf) and ``jit``/``custom_jvp``/``custom_vjp``/remat
-  sub-jaxprs. Any other op stops the units it touches.
+  sub-jaxprs. A norm's scale broadcast over an activation (LayerNorm, RMSNorm)
+  produces units; two scaled values contracted together (attention's ``q . k``)
+  tie their units inverse, giving a query/key group with the key side divided.
+  Any other op stops the units it touches.
 
   Args:
     apply_fn: ``apply_fn(params, *example_args, **example_kwargs)``.
