@@ -1,0 +1,33 @@
+"""Default tiny-Shakespeare config: a 4-layer, width-128 character-level decoder."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Data: a folder holding input.txt ('' -> tfds.load('tiny_shakespeare')).
+  config.data_dir = ""
+  config.validation_fraction = 0.1             # the last 10 % of the text
+  # Model.
+  config.num_layers = 4
+  config.width = 128
+  config.num_heads = 4
+  config.mlp_width = 512
+  config.context = 128
+  # Method: 'adamw', 'enorm' (enorm(adamw), every traced group) or 'enorm_mlp'
+  # (enorm(adamw) on the MLP hidden units only).
+  config.method = "adamw"
+  config.c = 1.0
+  # Optimization.
+  config.batch_size = 32
+  config.num_steps = 3000
+  config.learning_rate = 3e-3
+  config.warmup_steps = 100                    # then cosine decay to 0
+  config.weight_decay = 0.1
+  config.seed = 0
+  # Bookkeeping.
+  config.log_every_steps = 50
+  config.eval_every_steps = 250
+  config.eval_batches = 20                     # validation windows scored per evaluation
+  config.num_devices = 0                       # 0 -> all devices
+  return config

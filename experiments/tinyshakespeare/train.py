@@ -1,0 +1,138 @@
+"""Training and evaluation of the character transformer with AdamW or enorm(AdamW).
+
+Methods (``config.method``): ``adamw``; ``enorm``: ``enorm_jax.enorm(adamw)`` on
+every group `enorm_jax.trace_graph` finds (norm scales, query/key, value/output,
+MLP hidden units); ``enorm_mlp``: the same on the MLP hidden units only, so that
+the attention and norm symmetries' own effect shows.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import enorm_jax
+from experiments.common import trainer
+from experiments.common.data import prefetch
+from experiments.tinyshakespeare import input_pipeline, models
+
+METHODS = ("adamw", "enorm", "enorm_mlp")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  if config.method not in METHODS:
+    raise ValueError(f"config.method={config.method!r} is unknown; use one of {METHODS}.")
+  if not config.c > 0:
+    raise ValueError(f"config.c={config.c} must be > 0 (1.0 is plain ENorm).")
+  if config.eval_every_steps < 1 or config.num_steps < 1:
+    raise ValueError("config.num_steps and config.eval_every_steps must be >= 1.")
+  if not 0 <= config.warmup_steps < config.num_steps:
+    raise ValueError(f"config.warmup_steps={config.warmup_steps} must be in "
+                     f"[0, num_steps={config.num_steps}).")
+
+
+def create_model(config, vocab_size: int) -> models.DecoderLM:
+  return models.DecoderLM(vocab_size, config.num_layers, config.width, config.num_heads,
+                          config.mlp_width, config.context)
+
+
+def rescaling_graph(model, params, config) -> enorm_jax.RescalingGraph:
+  """The traced graph (every group), or its MLP groups only for ``enorm_mlp``."""
+  tokens = jnp.zeros((1, config.context), jnp.int32)
+  graph = enorm_jax.trace_graph(lambda p, t: model.apply({"params": p}, t), params, tokens)
+  if config.method == "enorm_mlp":
+    graph = enorm_jax.RescalingGraph(tuple(
+        g for g in graph if all(e.path.endswith("_fc1/kernel") for e in g.producers)))
+  return graph
+
+
+def create_optimizer(config, graph) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
+                                                config.warmup_steps, config.num_steps)
+  tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+  if config.method == "adamw":
+    return tx
+  return enorm_jax.enorm(tx, graph, c=config.c)
+
+
+def loss_sums(logits, tokens_out):
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         tokens_out)
+  return jnp.sum(loss), jnp.asarray(loss.size, jnp.float32)
+
+
+def make_steps(model, tx, mesh):
+  """Jitted (train_step, eval_step): batch sharded over ``mesh``, state replicated."""
+  replicated, sharded = trainer.replicated(mesh), trainer.data_sharded(mesh)
+
+  def loss_fn(params, tokens):
+    total, count = loss_sums(model.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
+    return total / count
+
+  @functools.partial(jax.jit, in_shardings=(replicated, {"tokens": sharded}),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+  def train_step(state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch["tokens"])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), \
+        {"loss": loss}
+
+  @functools.partial(jax.jit, in_shardings=(replicated, {"tokens": sharded}),
+                     out_shardings=replicated)
+  def eval_step(params, batch):
+    tokens = batch["tokens"]
+    return loss_sums(model.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
+
+  return train_step, eval_step
+
+
+def evaluate(eval_step, state, corpus, config, mesh) -> dict[str, float]:
+  total, count = 0.0, 0.0
+  for batch in input_pipeline.validation_batches(corpus, config.batch_size, config.context,
+                                                 config.eval_batches):
+    t, c = eval_step(state.params, trainer.shard_batch(batch, mesh))
+    total, count = total + float(t), count + float(c)
+  return {"validation_loss": total / count}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> tuple[trainer.TrainState, dict[str, Any]]:
+  """Trains ``config`` in ``workdir`` (resuming if possible); returns the final state
+  and the final metrics (validation loss in nats per character)."""
+  validate_config(config)
+  mesh = trainer.make_mesh(config.num_devices)
+  trainer.check_batch_size(config.batch_size, mesh)
+  trainer.check_workdir(workdir)
+  corpus = input_pipeline.make_corpus(input_pipeline.read_text(config.data_dir),
+                                      config.validation_fraction)
+  model = create_model(config, len(corpus.vocab))
+  params = model.init(jax.random.key(config.seed),
+                      jnp.zeros((1, config.context), jnp.int32))["params"]
+  graph = rescaling_graph(model, params, config) if config.method != "adamw" else None
+  tx = create_optimizer(config, graph)
+  state = trainer.TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
+                             opt_state=tx.init(params))
+  train_step, eval_step = make_steps(model, tx, mesh)
+  start = time.perf_counter()
+  state, metrics = trainer.fit(
+      state, train_step=train_step, mesh=mesh, total_steps=config.num_steps,
+      batches=lambda step: prefetch(input_pipeline.train_batches(
+          corpus, config.batch_size, config.context, config.seed, step)),
+      steps_per_epoch=config.eval_every_steps, workdir=workdir,
+      evaluate=lambda s: evaluate(eval_step, s, corpus, config, mesh),
+      checkpoint_every_steps=config.eval_every_steps,
+      log_every_steps=min(config.log_every_steps, config.eval_every_steps),
+      desc=f"tinyshakespeare/{config.method}")
+  metrics = dict(metrics)
+  metrics["train_time_s"] = time.perf_counter() - start
+  metrics["rescaled_units"] = graph.num_units if graph is not None else 0
+  metrics["parameters"] = int(sum(np.size(x) for x in jax.tree.leaves(params)))
+  return state, metrics

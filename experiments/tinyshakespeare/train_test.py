@@ -1,0 +1,63 @@
+"""Fast tests of the tiny-Shakespeare trainer on a generated text."""
+
+import os
+
+import numpy as np
+import pytest
+
+from experiments.tinyshakespeare import input_pipeline, train
+from experiments.tinyshakespeare.configs import default
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("shakespeare")
+  rng = np.random.default_rng(0)
+  words = ["to", "be", "or", "not", "that", "is", "the", "question", "\n"]
+  with open(folder / "input.txt", "w") as f:
+    f.write(" ".join(rng.choice(words, 4000)))
+  return str(folder)
+
+
+def tiny_config(data_dir, method, **overrides):
+  config = default.get_config()
+  config.update(data_dir=data_dir, method=method, num_layers=2, width=16, num_heads=2,
+                mlp_width=32, context=16, batch_size=8, num_steps=6, warmup_steps=2,
+                eval_every_steps=3, log_every_steps=3, eval_batches=2)
+  config.update(**overrides)
+  return config
+
+
+def test_the_split_is_the_first_90_percent(data_dir):
+  corpus = input_pipeline.make_corpus(input_pipeline.read_text(data_dir), 0.1)
+  assert len(corpus.train) == int(0.9 * (len(corpus.train) + len(corpus.validation)))
+  first = next(input_pipeline.train_batches(corpus, 4, 16, seed=0, start_step=5))
+  again = next(input_pipeline.train_batches(corpus, 4, 16, seed=0, start_step=5))
+  np.testing.assert_array_equal(first["tokens"], again["tokens"])  # resumable
+  assert first["tokens"].shape == (4, 17)
+
+
+@pytest.mark.parametrize("method, units", [("enorm_mlp", 2 * 32), ("adamw", 0)])
+def test_each_method_trains(data_dir, tmp_path, method, units):
+  _, metrics = train.train_and_evaluate(tiny_config(data_dir, method), str(tmp_path))
+  assert np.isfinite(metrics["validation_loss"])
+  assert metrics["rescaled_units"] == units
+  assert os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_one_enorm_step_computes_the_adamw_function(data_dir, tmp_path):
+  """The first enorm(adamw) update is adamw's, then a rescaling: same validation loss."""
+  metrics = {m: train.train_and_evaluate(
+      tiny_config(data_dir, m, num_steps=1, warmup_steps=0, eval_every_steps=1),
+      str(tmp_path / m))[1] for m in ("adamw", "enorm")}
+  # Per layer: attention norm, query/key, value/out, MLP norm, MLP; then the final norm.
+  assert metrics["enorm"]["rescaled_units"] == 2 * (16 + 16 + 16 + 16 + 32) + 16
+  assert metrics["enorm"]["validation_loss"] == pytest.approx(
+      metrics["adamw"]["validation_loss"], rel=1e-5)
+
+
+def test_bad_settings_fail_early(data_dir, tmp_path):
+  with pytest.raises(ValueError, match="config.method='sgd' is unknown"):
+    train.train_and_evaluate(tiny_config(data_dir, "sgd"), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="has no input.txt"):
+    train.train_and_evaluate(tiny_config(str(tmp_path), "adamw"), str(tmp_path / "w"))
