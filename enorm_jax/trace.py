@@ -396,6 +396,13 @@ def _candidate_views(shape):
       view = shape[:b] + (g, shape[b] // g) + shape[b + 1:]
       a_view = a if a < b else a + 1
       yield view, (b, a_view)
+  # Units on one axis and the inner part of another, e.g. rotary embeddings' pairs
+  # (d, d + head_dim / 2) sharing one unit per (head, d mod head_dim / 2).
+  for a, b in itertools.permutations(range(len(shape)), 2):
+    for g in _divisors(shape[b])[1:]:
+      view = shape[:b] + (g, shape[b] // g) + shape[b + 1:]
+      a_view = a if a < b else a + 1
+      yield view, tuple(sorted((a_view, b + 1)))
 
 
 def _fit_entry(path, classes, n):

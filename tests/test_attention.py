@@ -306,3 +306,40 @@ def test_a_product_of_a_value_with_itself_is_not_a_symmetry():
   report = enorm_jax.explain_graph(fn, params, jnp.ones((5, 4)))
   assert report.graph.num_units == 0
   assert any("inverse" in line for line in report.stopped), report.stopped
+
+
+def _rotary(x):
+  """Rotary position embedding of (batch, time, heads, head_dim): pairs (j, j + half)."""
+  t, d = x.shape[1], x.shape[-1]
+  angle = jnp.arange(t)[:, None] / (10000 ** (jnp.arange(d // 2) / (d // 2)))[None, :]
+  cos = jnp.concatenate([jnp.cos(angle)] * 2, -1)[None, :, None, :]
+  sin = jnp.concatenate([jnp.sin(angle)] * 2, -1)[None, :, None, :]
+  return x * cos + jnp.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1) * sin
+
+
+class RotaryAttention(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, D)(tokens)
+    h = nn.RMSNorm()(x)
+    q = _rotary(nn.DenseGeneral((HEADS, HEAD_DIM), name="query")(h))
+    k = _rotary(nn.DenseGeneral((HEADS, HEAD_DIM), name="key")(h))
+    v = nn.DenseGeneral((HEADS, HEAD_DIM))(h)
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), -1)
+    x = x + nn.DenseGeneral(D, axis=(-2, -1))(jnp.einsum("bhqk,bkhd->bqhd", weights, v))
+    return nn.Dense(VOCAB)(nn.RMSNorm()(x))
+
+
+def test_rotary_pairs_share_one_factor():
+  model = RotaryAttention()
+  tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, VOCAB)
+  params = model.init(jax.random.key(1), tokens)["params"]
+  apply = lambda p, t: model.apply({"params": p}, t)
+  graph = enorm_jax.trace_graph(apply, params, tokens)
+  query_key = next(g for g in graph if g.producers[0].path == "query/kernel")
+  assert query_key.size == HEADS * HEAD_DIM // 2  # one unit per rotated pair
+  assert [e.path for e in query_key.consumers] == ["key/kernel"]
+  enorm_jax.check_graph(apply, params, graph, tokens)
+  balanced, _ = enorm_jax.balance(params, graph, cycles=3)
+  out = apply(params, tokens)
+  assert float(jnp.max(jnp.abs(apply(balanced, tokens) - out)) / jnp.max(jnp.abs(out))) < 2e-5
