@@ -115,8 +115,22 @@ class ResolvedEntry:
     return math.prod(self.view[a] for a in self.axes)
 
 
+class _Sides:
+  """The entries of a group by side; shared by `Group` and `ResolvedGroup`."""
+
+  @property
+  def multiplied(self) -> tuple:
+    """Entries multiplied by ``d``: producers, their biases and carried values."""
+    return self.producers + self.biases + self.carried
+
+  @property
+  def divided(self) -> tuple:
+    """Entries divided by ``d``: consumers and their biases."""
+    return self.consumers + self.consumer_biases
+
+
 @dataclasses.dataclass(frozen=True)
-class Group:
+class Group(_Sides):
   """A set of ``size`` hidden units that are rescaled together.
 
   Attributes:
@@ -186,16 +200,6 @@ class Group:
   def scaled_paths(self) -> tuple[str, ...]:
     """Every parameter path this group rescales."""
     return tuple(e.path for e in self.multiplied + self.divided)
-
-  @property
-  def multiplied(self) -> tuple[Entry, ...]:
-    """Entries multiplied by ``d``: producers, their biases and carried values."""
-    return self.producers + self.biases + self.carried
-
-  @property
-  def divided(self) -> tuple[Entry, ...]:
-    """Entries divided by ``d``: consumers and their biases."""
-    return self.consumers + self.consumer_biases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,7 +363,7 @@ def require_graph(graph: Any, argument: str = "graph") -> RescalingGraph:
 
 
 @dataclasses.dataclass(frozen=True)
-class ResolvedGroup:
+class ResolvedGroup(_Sides):
   """A `Group` whose entries are checked against the params (internal)."""
 
   size: int
@@ -368,14 +372,6 @@ class ResolvedGroup:
   consumers: tuple[ResolvedEntry, ...]
   carried: tuple[ResolvedEntry, ...]
   consumer_biases: tuple[ResolvedEntry, ...]
-
-  @property
-  def multiplied(self) -> tuple[ResolvedEntry, ...]:
-    return self.producers + self.biases + self.carried
-
-  @property
-  def divided(self) -> tuple[ResolvedEntry, ...]:
-    return self.consumers + self.consumer_biases
 
 
 def _gaps(extent, spans):
