@@ -9,9 +9,8 @@ cells already there (and resumes a half-finished cell from its checkpoint).
     python -m experiments.cifar10.sweep --sweep=conv_reduced
     python -m experiments.cifar10.sweep --sweep=conv_no_bias  # bias check, a few cells
 
-Several processes may run the same sweep at once (e.g. one per core with
-`taskset`): each claims a cell with an exclusive lock on `<workdir>/.claim`, which the
-OS drops when the process ends, so a killed worker's cell is free for the next one.
+Several processes may run the same sweep at once (one per core with `taskset`);
+see `experiments.common.sweeps`.
 
 The FC learning-rate search is SHORTENED: each rate of `SEARCH_LRS` (Path-SGD:
 `PATH_SGD_LRS`) is trained for `SEARCH_EPOCHS` epochs (same schedule shape,
@@ -22,17 +21,14 @@ searches its group counts: the full grid at depth 3, then a coordinate search.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
-import subprocess
 import time
 
 from absl import app, flags, logging
 
 from experiments.cifar10 import train
 from experiments.cifar10.configs import conv, conv_reduced, fc
+from experiments.common import sweeps
 from experiments.common.trainer import NonFiniteLossError
 
 _SWEEP = flags.DEFINE_enum("sweep", "fc", ["fc", "fc_search", "fc_final", "conv_reduced",
@@ -71,58 +67,12 @@ KEY_FIELDS = ("method", "c", "depth", "batch_size", "momentum", "lr", "epochs", 
               "gn_groups", "width_multiplier", "use_bias")
 
 
-def commit_hash() -> str:
-  """HEAD's short hash, with '+dirty' if the code (not the results) has local changes."""
-  def git(*args):
-    return subprocess.run(["git", *args], capture_output=True, text=True,
-                          check=True).stdout.strip()
-  try:
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "enorm_jax",
-                "experiments", ":(exclude)experiments/results")
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def cell_key(record) -> tuple:
   return tuple(record.get(k) for k in KEY_FIELDS)
 
 
 def cell_name(cell) -> str:
   return "_".join(f"{k}={cell[k]}" for k in KEY_FIELDS if cell.get(k) is not None)
-
-
-def read_results(path):
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return json.load(f)
-
-
-@contextlib.contextmanager
-def _locked(path, blocking=True):
-  """Holds an exclusive `flock` on `path`; yields False if taken and not blocking."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "a") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except BlockingIOError:
-      yield False
-      return
-    try:
-      yield True
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def append_result(path, record):
-  """Appends atomically, also against other sweep processes writing the same file."""
-  with _locked(f"{path}.lock"):
-    records = read_results(path) + [record]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(records, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _key3(record):
@@ -167,7 +117,7 @@ def fc_cells(stage, results_dir):
   wait until its search is complete, so a partial sweep already has final numbers
   for the first block.
   """
-  search = read_results(os.path.join(results_dir, "cifar10_fc_search.json"))
+  search = sweeps.read_results(os.path.join(results_dir, "cifar10_fc_search.json"))
   done = {_search_key(r) for r in search}
   cells = []
   for depths, pairs, seeds in FC_BLOCKS:
@@ -211,7 +161,7 @@ def conv_cells(results_dir):
   cells = [cell(m, c, b, mo, CONV_LR) for b, mo in settings for m, c in CONV_METHODS]
   search = [cell("gn", 1.0, *CONV_GN_SEARCH, CONV_LR, g) for g in conv.GN_GROUPS]
   cells += [x for x in search if x["gn_groups"] != CONV_GN_GROUPS]
-  done = read_results(os.path.join(results_dir, "cifar10_conv.json"))
+  done = sweeps.read_results(os.path.join(results_dir, "cifar10_conv.json"))
   search_keys = {cell_key(make_record("conv_reduced", dict(x, seed=0))) for x in search}
   found = [r for r in done if cell_key(r) in search_keys]
   chosen = _best(found) if len(found) == len(search) else None
@@ -267,7 +217,8 @@ def pending_cells(sweep, results_dir):
   for cell, name in tagged:
     cell.setdefault("seed", 0)
     path = os.path.join(results_dir, name)
-    if cell_key(make_record(sweep, cell)) not in {cell_key(r) for r in read_results(path)}:
+    done = {cell_key(r) for r in sweeps.read_results(path)}
+    if cell_key(make_record(sweep, cell)) not in done:
       todo.append((cell, path))
   return todo
 
@@ -301,12 +252,12 @@ def run_cell(sweep, cell, results, commit):
     record.update(val_acc=None, test_acc=None, val_loss=None,
                   train_time_s=time.time() - start, diverged=True)
   record["commit"] = commit
-  append_result(results, record)
+  sweeps.append_result(results, record)
 
 
 def main(argv):
   del argv
-  commit = commit_hash()  # the code this process imported, read once at start-up
+  commit = sweeps.commit_hash()  # the code this process imported, read once at start-up
   os.makedirs(_RESULTS_DIR.value, exist_ok=True)
   new = 0
   while run_next_free_cell(_SWEEP.value, _RESULTS_DIR.value, commit):
@@ -318,14 +269,9 @@ def main(argv):
 
 def run_next_free_cell(sweep, results_dir, commit) -> bool:
   """Runs the first pending cell no other process holds; False if there is none."""
-  for cell, results in pending_cells(sweep, results_dir):
-    with _locked(os.path.join(cell_workdir(sweep, cell, results), ".claim"),
-                 blocking=False) as claimed:
-      # Re-check under the claim: another process may have finished it meanwhile.
-      if claimed and (cell, results) in pending_cells(sweep, results_dir):
-        run_cell(sweep, cell, results, commit=commit)
-        return True
-  return False
+  return sweeps.run_next_free_cell(lambda: pending_cells(sweep, results_dir),
+                                  lambda cell, results: cell_workdir(sweep, cell, results),
+                                  lambda cell, results: run_cell(sweep, cell, results, commit=commit))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from absl import flags
 
 from experiments.cifar10 import sweep
 from experiments.cifar10.configs import conv, fc
+from experiments.common import sweeps
 
 
 def _record(cell, val_acc):
@@ -64,20 +65,20 @@ def test_parallel_workers_skip_claimed_cells(tmp_path, monkeypatch):
 
   def fake_run_cell(sweep_name, cell, results, commit):
     ran.append(sweep.cell_name(sweep.make_record(sweep_name, cell)))
-    sweep.append_result(results, dict(sweep.make_record(sweep_name, cell), val_acc=0.5,
+    sweeps.append_result(results, dict(sweep.make_record(sweep_name, cell), val_acc=0.5,
                                       commit=commit))
 
   monkeypatch.setattr(sweep, "run_cell", fake_run_cell)
   results_dir = str(tmp_path)
   (first, path), (second, _) = sweep.pending_cells("conv_reduced", results_dir)[:2]
   # Another worker holds the first cell: this one takes the second.
-  with sweep._locked(f"{sweep.cell_workdir('conv_reduced', first, path)}/.claim"):
+  with sweeps.locked(f"{sweep.cell_workdir('conv_reduced', first, path)}/.claim"):
     assert sweep.run_next_free_cell("conv_reduced", results_dir, "abc")
   assert ran == [sweep.cell_name(sweep.make_record("conv_reduced", second))]
   # The claim is released with its holder, so the first cell is free again.
   assert sweep.run_next_free_cell("conv_reduced", results_dir, "abc")
   assert ran[-1] == sweep.cell_name(sweep.make_record("conv_reduced", first))
-  done = sweep.read_results(path)
+  done = sweeps.read_results(path)
   assert len(done) == 2 and {r["commit"] for r in done} == {"abc"}
   assert len(sweep.pending_cells("conv_reduced", results_dir)) == len(sweep.conv_cells(results_dir)) - 2
 

@@ -20,14 +20,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.c = 1.0
   # Optimization.
   config.batch_size = 32
-  config.num_steps = 3000
+  config.num_steps = 1000                      # ~4 passes over the training text
   config.learning_rate = 3e-3
   config.warmup_steps = 100                    # then cosine decay to 0
   config.weight_decay = 0.1
   config.seed = 0
   # Bookkeeping.
   config.log_every_steps = 50
-  config.eval_every_steps = 250
+  config.eval_every_steps = 100
   config.eval_batches = 20                     # validation windows scored per evaluation
   config.num_devices = 0                       # 0 -> all devices
   return config

@@ -1,0 +1,146 @@
+r"""Resumable sweep of the tiny-Shakespeare experiment: AdamW against enorm(AdamW).
+
+    python -m experiments.tinyshakespeare.sweep --data_dir=../shared/data/tinyshakespeare
+
+First a SHORTENED learning-rate search: every method at each rate of `SEARCH_LRS`
+for `SEARCH_STEPS` steps (the same warmup + cosine schedule, compressed). Then the
+full runs (the default config's length) at each method's best rate, for every seed
+of `SEEDS`. Each finished cell appends a record, with its validation-loss curve, to
+`tinyshakespeare_search.json` or `tinyshakespeare.json`; workers may run in parallel
+(see `experiments.common.sweeps`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from experiments.common import sweeps
+from experiments.common.trainer import NonFiniteLossError
+from experiments.tinyshakespeare import train
+from experiments.tinyshakespeare.configs import default
+
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "Folder with input.txt ('': tfds.load).")
+_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "workdirs", "Parent of run workdirs.")
+_RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Results folder.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Stop after this many new cells (0: all).")
+
+METHODS = train.METHODS
+SEARCH_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+SEARCH_STEPS = 300
+SEEDS = (0, 1, 2)
+KEY_FIELDS = ("method", "c", "lr", "num_steps", "seed")
+SEARCH_FILE, FINAL_FILE = "tinyshakespeare_search.json", "tinyshakespeare.json"
+
+
+def cell_key(record) -> tuple:
+  return tuple(record.get(k) for k in KEY_FIELDS)
+
+
+def best_rate(records, method) -> float | None:
+  """The rate with the lowest final validation loss (diverged runs never win)."""
+  done = [r for r in records if r["method"] == method and r["val_loss"] is not None]
+  return min(done, key=lambda r: r["val_loss"])["lr"] if done else None
+
+
+def all_cells(results_dir) -> list[tuple[dict, str]]:
+  """(cell, results file) pairs in priority order: the search, then seed by seed."""
+  full_steps = default.get_config().num_steps
+  search = sweeps.read_results(os.path.join(results_dir, SEARCH_FILE))
+  cells = [(dict(method=m, c=1.0, lr=lr, num_steps=SEARCH_STEPS, seed=0), SEARCH_FILE)
+           for m in METHODS for lr in SEARCH_LRS]
+  searched = {cell_key(r) for r in search}
+  for seed in SEEDS:
+    for m in METHODS:
+      if all(cell_key(c) in searched for c, _ in cells[:len(METHODS) * len(SEARCH_LRS)]
+             if c["method"] == m) and best_rate(search, m) is not None:
+        cells.append((dict(method=m, c=1.0, lr=best_rate(search, m),
+                           num_steps=full_steps, seed=seed), FINAL_FILE))
+  return cells
+
+
+def pending_cells(results_dir) -> list[tuple[dict, str]]:
+  todo = []
+  for cell, name in all_cells(results_dir):
+    path = os.path.join(results_dir, name)
+    if cell_key(cell) not in {cell_key(r) for r in sweeps.read_results(path)}:
+      todo.append((cell, path))
+  return todo
+
+
+def make_config(cell, data_dir):
+  config = default.get_config()
+  config.data_dir = data_dir
+  config.method, config.c, config.seed = cell["method"], cell["c"], cell["seed"]
+  config.learning_rate = cell["lr"]
+  if cell["num_steps"] != config.num_steps:  # compress the schedule's shape
+    scale = cell["num_steps"] / config.num_steps
+    config.warmup_steps = round(config.warmup_steps * scale)
+    config.num_steps = cell["num_steps"]
+  return config
+
+
+def cell_workdir(cell, results) -> str:
+  stage = os.path.splitext(os.path.basename(results))[0]
+  return os.path.join(_WORKDIR_ROOT.value, stage,
+                      "_".join(f"{k}={cell[k]}" for k in KEY_FIELDS))
+
+
+def validation_curve(workdir) -> list[list[float]]:
+  """[step, validation loss] pairs from the run's metrics log (last write per step)."""
+  curve, path = {}, os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      if "validation_loss" in row:
+        curve[row["step"]] = row["validation_loss"]
+  return [[s, curve[s]] for s in sorted(curve)]
+
+
+def median_steps_per_second(workdir) -> float | None:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    rates = [r["train_steps_per_second"] for r in map(json.loads, f)
+             if "train_steps_per_second" in r]
+  return float(np.median(rates[1:])) if len(rates) > 1 else None  # the first has compiles
+
+
+def run_cell(cell, results, commit):
+  workdir = cell_workdir(cell, results)
+  logging.info("Running %s", workdir)
+  record, start = dict(cell), time.time()
+  try:
+    _, metrics = train.train_and_evaluate(make_config(cell, _DATA_DIR.value), workdir)
+    record.update(val_loss=metrics["validation_loss"], diverged=False,
+                  rescaled_units=metrics["rescaled_units"])
+  except NonFiniteLossError as e:
+    logging.warning("Cell diverged: %s", e)
+    record.update(val_loss=None, diverged=True)
+  record.update(curve=validation_curve(workdir), train_time_s=time.time() - start,
+                steps_per_second=median_steps_per_second(workdir), commit=commit)
+  sweeps.append_result(results, record)
+
+
+def main(argv):
+  del argv
+  commit = sweeps.commit_hash()  # the code this process imported, read once at start-up
+  os.makedirs(_RESULTS_DIR.value, exist_ok=True)
+  new = 0
+  while sweeps.run_next_free_cell(lambda: pending_cells(_RESULTS_DIR.value), cell_workdir,
+                                  lambda cell, results: run_cell(cell, results, commit)):
+    new += 1
+    if _LIMIT.value and new >= _LIMIT.value:
+      break
+  logging.info("No free cell left: %d run by this process.", new)
+
+
+if __name__ == "__main__":
+  app.run(main)
