@@ -1,0 +1,54 @@
+"""The tiny-Shakespeare sweep: search first, finals at the best rate, real records."""
+
+import json
+
+import pytest
+from absl import flags
+
+from experiments.common import sweeps
+from experiments.tinyshakespeare import sweep
+from experiments.tinyshakespeare.train_test import data_dir, tiny_config  # noqa: F401
+
+
+def test_finals_wait_for_the_search_and_take_the_best_finite_rate(tmp_path):
+  flags.FLAGS(["sweep_test"])
+  search = [c for c, name in sweep.all_cells(str(tmp_path)) if name == sweep.SEARCH_FILE]
+  assert len(search) == len(sweep.METHODS) * len(sweep.SEARCH_LRS)
+  assert all(name == sweep.SEARCH_FILE for _, name in sweep.all_cells(str(tmp_path)))
+  loss = {1e-3: 2.0, 3e-3: 1.8, 1e-2: None, 3e-2: 2.5}  # 1e-2 diverged
+  records = [dict(c, val_loss=loss[c["lr"]]) for c in search if c["method"] == "enorm"]
+  (tmp_path / sweep.SEARCH_FILE).write_text(json.dumps(records[:-1]))
+  assert not [c for c, name in sweep.all_cells(str(tmp_path)) if name == sweep.FINAL_FILE]
+  (tmp_path / sweep.SEARCH_FILE).write_text(json.dumps(records))
+  finals = [c for c, name in sweep.all_cells(str(tmp_path)) if name == sweep.FINAL_FILE]
+  assert [(c["method"], c["lr"], c["seed"]) for c in finals] == [
+      ("enorm", 3e-3, s) for s in sweep.SEEDS]
+  assert finals[0]["num_steps"] == sweep.default.get_config().num_steps
+  config = sweep.make_config(search[0], "")
+  assert (config.num_steps, config.warmup_steps) == (sweep.SEARCH_STEPS, 30)
+
+
+@pytest.mark.slow
+def test_a_whole_sweep_on_generated_text(tmp_path, monkeypatch, data_dir):  # noqa: F811
+  flags.FLAGS(["sweep_test", f"--workdir_root={tmp_path / 'work'}", f"--data_dir={data_dir}"])
+  monkeypatch.setattr(sweep, "METHODS", ("adamw", "enorm_mlp"))
+  monkeypatch.setattr(sweep, "SEARCH_LRS", (1e-3, 1e-2))
+  monkeypatch.setattr(sweep, "SEARCH_STEPS", 3)
+  monkeypatch.setattr(sweep, "SEEDS", (0, 1))
+  tiny = tiny_config("", "adamw")
+  monkeypatch.setattr(sweep.default, "get_config", tiny.copy_and_resolve_references)
+  results = str(tmp_path)
+  ran = 0
+  while sweeps.run_next_free_cell(lambda: sweep.pending_cells(results), sweep.cell_workdir,
+                                  lambda cell, path: sweep.run_cell(cell, path, "abc")):
+    ran += 1
+  assert ran == 2 * 2 + 2 * 2
+  search = sweeps.read_results(f"{results}/{sweep.SEARCH_FILE}")
+  finals = sweeps.read_results(f"{results}/{sweep.FINAL_FILE}")
+  assert len(search) == 4 and len(finals) == 4
+  for r in search:
+    assert [step for step, _ in r["curve"]] == [3] and r["curve"][-1][1] == r["val_loss"]
+  for r in finals:
+    assert [step for step, _ in r["curve"]] == [3, 6] and r["curve"][-1][1] == r["val_loss"]
+    assert r["lr"] == sweep.best_rate(search, r["method"]) and r["commit"] == "abc"
+  assert {r["rescaled_units"] for r in finals if r["method"] == "enorm_mlp"} == {2 * 32}
