@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Iterator
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -127,14 +128,19 @@ def _normalize(images: np.ndarray, ds: Dataset) -> np.ndarray:
   return ((images.astype(np.float32) / 255.0 - ds.mean) / ds.std).astype(np.float32)
 
 
-def _crop_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Random CROP x CROP crops and horizontal flips, vectorized over the batch."""
+def _crop_flip(images: np.ndarray, rng: np.random.Generator, batch_rows: slice,
+               batch_size: int) -> np.ndarray:
+  """Random CROP x CROP crops and horizontal flips, vectorized over the batch.
+
+  ``images`` are ``batch_rows`` of a larger batch; the draws are those of the whole
+  batch, so an image's crop does not depend on how the batch is split over processes.
+  """
   n, h, w, _ = images.shape
-  top = rng.integers(0, h - CROP + 1, n)
-  left = rng.integers(0, w - CROP + 1, n)
+  top = rng.integers(0, h - CROP + 1, batch_size)[batch_rows]
+  left = rng.integers(0, w - CROP + 1, batch_size)[batch_rows]
+  flip = (rng.random(batch_size) < 0.5)[batch_rows]
   rows = top[:, None] + np.arange(CROP)[None, :]
   cols = left[:, None] + np.arange(CROP)[None, :]
-  flip = rng.random(n) < 0.5
   cols = np.where(flip[:, None], cols[:, ::-1], cols)
   return images[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
@@ -146,12 +152,31 @@ def _center_crop(images: np.ndarray) -> np.ndarray:
 
 
 def preprocess(images: np.ndarray, ds: Dataset, model: str, train: bool,
-               rng: np.random.Generator | None = None) -> np.ndarray:
-  """FC: normalized, flattened 32x32x3. Conv: crop + flip (train) or centre crop."""
+               rng: np.random.Generator | None = None, rows: slice | None = None,
+               batch_size: int | None = None) -> np.ndarray:
+  """FC: normalized, flattened 32x32x3. Conv: crop + flip (train) or centre crop.
+
+  ``images`` are ``rows`` of a batch of ``batch_size`` for which ``rng`` draws the
+  crops (default: the whole batch).
+  """
   if model == "fc":
     return _normalize(images, ds).reshape(len(images), -1)
-  images = _crop_flip(images, rng) if train else _center_crop(images)
+  if train:
+    images = _crop_flip(images, rng, rows or slice(0, len(images)),
+                        batch_size or len(images))
+  else:
+    images = _center_crop(images)
   return _normalize(images, ds)
+
+
+def process_rows(batch_size: int) -> slice:
+  """The rows of a global batch that this process feeds (`jax.process_index()`)."""
+  count, index = jax.process_count(), jax.process_index()
+  if batch_size % count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {count} "
+                     f"processes; choose a multiple of {count}.")
+  per = batch_size // count
+  return slice(index * per, (index + 1) * per)
 
 
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
@@ -160,24 +185,34 @@ def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
 
 def train_batches(ds: Dataset, config: ml_collections.ConfigDict, start_step: int = 0
                   ) -> Iterator[dict[str, np.ndarray]]:
-  """Endless training batches from global step ``start_step`` on (drop-remainder)."""
+  """Endless training batches from global step ``start_step`` on (drop-remainder).
+
+  Each process gets its rows of the global batch, the same rows whatever the
+  process count.
+  """
   images, labels = ds.splits["train"]
   per_epoch = steps_per_epoch(ds, config.batch_size)
+  rows = process_rows(config.batch_size)
   step = start_step
   while True:
     epoch, b = divmod(step, per_epoch)
     order = np.random.default_rng([config.seed, epoch]).permutation(len(labels))
-    idx = np.sort(order[b * config.batch_size:(b + 1) * config.batch_size])
+    idx = np.sort(order[b * config.batch_size:(b + 1) * config.batch_size])[rows]
     rng = np.random.default_rng([config.seed, epoch, b, 1])
-    yield {"image": preprocess(images[idx], ds, config.model, True, rng),
+    yield {"image": preprocess(images[idx], ds, config.model, True, rng, rows,
+                                config.batch_size),
            "label": labels[idx]}
     step += 1
 
 
 def eval_batches(ds: Dataset, split: str, config: ml_collections.ConfigDict,
                  batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Batches of ``split`` padded to ``batch_size``; ``mask`` marks real examples."""
+  """Batches of ``split`` padded to ``batch_size``; ``mask`` marks real examples.
+
+  Each process gets its rows of every global batch: every example is scored once.
+  """
   images, labels = ds.splits[split]
+  rows = process_rows(batch_size)
   for start in range(0, len(labels), batch_size):
     x, y = images[start:start + batch_size], labels[start:start + batch_size]
     mask = np.ones(len(y), np.float32)
@@ -186,4 +221,5 @@ def eval_batches(ds: Dataset, split: str, config: ml_collections.ConfigDict,
       x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
       y = np.concatenate([y, np.zeros(pad, y.dtype)])
       mask = np.concatenate([mask, np.zeros(pad, np.float32)])
-    yield {"image": preprocess(x, ds, config.model, False), "label": y, "mask": mask}
+    yield {"image": preprocess(x[rows], ds, config.model, False), "label": y[rows],
+           "mask": mask[rows]}

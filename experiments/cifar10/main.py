@@ -9,6 +9,8 @@ only ``test/<class>/*.jpg``:
     python -m experiments.cifar10.main --mode=evaluate --workdir=workdirs/fc3_enorm \
         --config=experiments/cifar10/configs/fc.py --config.method=enorm --config.depth=3 \
         --split=test --eval_data_dir=/data/cifar10_test
+Multi-host (one process per GPU host, a TPU pod slice, or local processes with
+`experiments.launch`): add --distributed; see `experiments.common.distributed`.
 """
 
 import json
@@ -18,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.cifar10 import evaluate, train
+from experiments.common import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -32,13 +35,15 @@ flags.mark_flags_as_required(["workdir", "config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  distributed.initialize()
   logging.info("JAX devices: %s", jax.devices())
   if FLAGS.mode == "train":
     _, metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
     metrics = evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split,
                                            FLAGS.eval_data_dir)
-  print(json.dumps(metrics, indent=1))
+  if distributed.is_main_process():
+    print(json.dumps(metrics, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import app
+
+from experiments.common import sweeps
 
 
 def method_label(r) -> str:
@@ -207,11 +209,8 @@ def render(d: str) -> None:
 
 def main(argv):
   del argv
-  render(flags.FLAGS.results_dir)
+  render(sweeps.RESULTS_DIR.value)
 
 
 if __name__ == "__main__":
-  # Defined here, not at import, so that tests can import this module next to
-  # the sweep, which defines the same flag.
-  flags.DEFINE_string("results_dir", "experiments/results", "Results folder.")
   app.run(main)

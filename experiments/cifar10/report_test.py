@@ -40,7 +40,6 @@ def test_conv_table_and_figure(tmp_path):
 
 
 def test_render_writes_every_table_and_figure(tmp_path):
-  from experiments.cifar10 import sweep  # noqa: F401  (both modules import together)
   fc = [_record("enorm", 1.0, 0.5, depth=3, batch_size=256, momentum=0.0)]
   conv = [_record("gn", 1.0, 0.6, batch_size=32, momentum=0.0, width_multiplier=0.25)]
   (tmp_path / "cifar10_fc.json").write_text(json.dumps(fc))

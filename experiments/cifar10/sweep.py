@@ -34,10 +34,6 @@ from experiments.common.trainer import NonFiniteLossError
 _SWEEP = flags.DEFINE_enum("sweep", "fc", ["fc", "fc_search", "fc_final", "conv_reduced",
                                            "conv_no_bias"],
                            "Which sweep; 'fc' interleaves search and final runs by block.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "ImageFolder dir ('': tfds.load('cifar10')).")
-_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "workdirs", "Parent of run workdirs.")
-_RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Results folder.")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Stop after this many new cells (0: all).")
 
 SEARCH_EPOCHS = 5
 # (method, c) pairs; ENorm with c = 1 and 1.2.
@@ -233,11 +229,11 @@ def make_record(sweep, cell):
 
 def cell_workdir(sweep, cell, results):
   stage = os.path.splitext(os.path.basename(results))[0]
-  return os.path.join(_WORKDIR_ROOT.value, stage, cell_name(make_record(sweep, cell)))
+  return os.path.join(sweeps.WORKDIR_ROOT.value, stage, cell_name(make_record(sweep, cell)))
 
 
 def run_cell(sweep, cell, results, commit):
-  config = make_config(sweep, cell, _DATA_DIR.value)
+  config = make_config(sweep, cell, sweeps.DATA_DIR.value)
   record = make_record(sweep, cell)
   workdir = cell_workdir(sweep, cell, results)
   logging.info("Running %s", workdir)
@@ -258,11 +254,11 @@ def run_cell(sweep, cell, results, commit):
 def main(argv):
   del argv
   commit = sweeps.commit_hash()  # the code this process imported, read once at start-up
-  os.makedirs(_RESULTS_DIR.value, exist_ok=True)
+  os.makedirs(sweeps.RESULTS_DIR.value, exist_ok=True)
   new = 0
-  while run_next_free_cell(_SWEEP.value, _RESULTS_DIR.value, commit):
+  while run_next_free_cell(_SWEEP.value, sweeps.RESULTS_DIR.value, commit):
     new += 1
-    if _LIMIT.value and new >= _LIMIT.value:
+    if sweeps.LIMIT.value and new >= sweeps.LIMIT.value:
       break
   logging.info("No free cell left: %d run by this process.", new)
 

@@ -78,7 +78,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   trainer.check_batch_size(config.batch_size, mesh)
   trainer.check_workdir(workdir)
   ds = input_pipeline.load(config)
-  input_pipeline.save_stats(ds, workdir)
+  if jax.process_index() == 0:
+    input_pipeline.save_stats(ds, workdir)
   per_epoch = input_pipeline.steps_per_epoch(ds, config.batch_size)
   total_steps = per_epoch * config.num_epochs
   setup = create_setup(config, total_steps)

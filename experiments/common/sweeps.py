@@ -16,7 +16,15 @@ import os
 import subprocess
 from typing import Any, Callable, Iterator
 
+from absl import flags
+
 Cell = dict[str, Any]
+
+# The flags every sweep takes (defined once: the sweeps' modules import together).
+DATA_DIR = flags.DEFINE_string("data_dir", "", "The data folder ('': tfds.load).")
+WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "workdirs", "Parent of run workdirs.")
+RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Results folder.")
+LIMIT = flags.DEFINE_integer("limit", 0, "Stop after this many new cells (0: all).")
 
 
 def commit_hash() -> str:

@@ -114,11 +114,15 @@ class Checkpoints:
 
 
 class MetricsWriter:
-  """Appends metrics to ``workdir/metrics.jsonl`` and to TensorBoard via clu."""
+  """Appends metrics to ``workdir/metrics.jsonl`` and to TensorBoard via clu; on
+  process 0 only (the others write nothing)."""
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
     try:
       from clu import metric_writers
       self._tb = metric_writers.create_default_writer(workdir, just_logging=False,
@@ -127,6 +131,8 @@ class MetricsWriter:
       log.warning("TensorBoard writer unavailable (%s); writing JSONL only.", e)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
     metrics = {k: float(v) for k, v in metrics.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **metrics}) + "\n")
@@ -138,7 +144,8 @@ class MetricsWriter:
 def progress(total: int, initial: int, desc: str):
   from tqdm.auto import tqdm
   return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-              mininterval=2.0, disable=os.environ.get("ENORM_NO_PROGRESS") == "1")
+              mininterval=2.0, disable=os.environ.get("ENORM_NO_PROGRESS") == "1"
+              or jax.process_index() > 0)
 
 
 def fit(state: TrainState, *, train_step: Callable, batches: Callable[[int], Iterator],
@@ -154,11 +161,13 @@ def fit(state: TrainState, *, train_step: Callable, batches: Callable[[int], Ite
   early after that step's checkpoint, as a preemption would (for tests).
   """
   checkpoints = Checkpoints(workdir)
+  # Restore onto this run's mesh: a checkpoint written by any number of processes
+  # restores in any other.
+  state = jax.device_put(state, replicated(mesh))
   restored = checkpoints.restore_latest(state)
   if restored is not None:
     state = restored
     log.info("Resumed from step %d.", int(restored.step))
-  state = jax.device_put(state, replicated(mesh))
   writer = MetricsWriter(workdir)
   start = int(jax.device_get(state.step))
   last_eval: dict[str, float] = {}

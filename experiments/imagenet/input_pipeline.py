@@ -45,15 +45,16 @@ def _normalize(image):
   return (tf.cast(image, tf.float32) - MEAN_RGB) / STDDEV_RGB
 
 
-def _source(config, split: str) -> tf.data.Dataset:
+def _source(config, split: str, drop_remainder: bool) -> tf.data.Dataset:
+  """This process's shard of ``split``; all examples if not ``drop_remainder``."""
   decoders = {"image": tfds.decode.SkipDecoding()}
   if config.data_dir:  # ImageFolder has no sub-split API: shard the examples instead
     ds = tfds.ImageFolder(config.data_dir).as_dataset(split=split, decoders=decoders,
                                                       shuffle_files=False)
     return ds.shard(jax.process_count(), jax.process_index())
   builder = tfds.builder("imagenet2012", data_dir=config.tfds_data_dir or None)
-  return builder.as_dataset(split=tfds.split_for_jax_process(split, drop_remainder=True),
-                            decoders=decoders, shuffle_files=False)
+  shard = tfds.split_for_jax_process(split, drop_remainder=drop_remainder)
+  return builder.as_dataset(split=shard, decoders=decoders, shuffle_files=False)
 
 
 def splits(config) -> dict[str, int]:
@@ -66,7 +67,7 @@ def splits(config) -> dict[str, int]:
 def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int,
                   start_step: int = 0) -> tf.data.Dataset:
   """Endless, shuffled, augmented batches for this host, from ``start_step`` on."""
-  ds = _source(config, "train")
+  ds = _source(config, "train", drop_remainder=True)
   if config.cache:
     ds = ds.cache()
   ds = ds.repeat().shuffle(config.shuffle_buffer, seed=config.seed + jax.process_index())
@@ -86,8 +87,14 @@ def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int,
 
 def eval_dataset(config: ml_collections.ConfigDict, split: str,
                  local_batch_size: int) -> tf.data.Dataset:
-  """Centre-cropped batches padded to full size; ``mask`` marks real examples."""
-  ds = _source(config, split)
+  """Centre-cropped batches padded to full size; ``mask`` marks real examples.
+
+  Across processes every example is scored once, and every process yields the
+  same number of batches (padding with empty ones), as the collectives require.
+  """
+  ds = _source(config, split, drop_remainder=False)
+  per_process = -(-splits(config)[split] // jax.process_count())
+  num_batches = -(-per_process // local_batch_size)
 
   def prepare(ex):
     image = _center_crop(ex["image"], config.image_size, config.resize_size)
@@ -102,4 +109,8 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
     return {k: tf.pad(v, [[0, local_batch_size - n]] + [[0, 0]] * (len(v.shape) - 1))
             for k, v in batch.items()}
 
-  return ds.map(pad).prefetch(tf.data.AUTOTUNE)
+  ds = ds.map(pad)
+  empty = {k: tf.zeros([local_batch_size, *spec.shape[1:]], spec.dtype)
+           for k, spec in ds.element_spec.items()}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
+  return ds.prefetch(tf.data.AUTOTUNE)

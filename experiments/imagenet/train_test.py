@@ -16,8 +16,11 @@ from experiments.imagenet.configs import tiny
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
+  return make_folder(tmp_path_factory.mktemp("imagenet_folder"))
+
+
+def make_folder(root):
   """10 classes x 16 JPEGs of 64x64 (train) and 10 x 4 (val); colour encodes the class."""
-  root = tmp_path_factory.mktemp("imagenet_folder")
   rng = np.random.default_rng(0)
   for split, n in (("train", 16), ("val", 4)):
     for label in range(10):

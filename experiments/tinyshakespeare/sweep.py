@@ -24,10 +24,6 @@ from experiments.common.trainer import NonFiniteLossError
 from experiments.tinyshakespeare import train
 from experiments.tinyshakespeare.configs import default
 
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "Folder with input.txt ('': tfds.load).")
-_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "workdirs", "Parent of run workdirs.")
-_RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Results folder.")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Stop after this many new cells (0: all).")
 
 METHODS = train.METHODS
 SEARCH_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -86,7 +82,7 @@ def make_config(cell, data_dir):
 
 def cell_workdir(cell, results) -> str:
   stage = os.path.splitext(os.path.basename(results))[0]
-  return os.path.join(_WORKDIR_ROOT.value, stage,
+  return os.path.join(sweeps.WORKDIR_ROOT.value, stage,
                       "_".join(f"{k}={cell[k]}" for k in KEY_FIELDS))
 
 
@@ -118,7 +114,7 @@ def run_cell(cell, results, commit):
   logging.info("Running %s", workdir)
   record, start = dict(cell), time.time()
   try:
-    _, metrics = train.train_and_evaluate(make_config(cell, _DATA_DIR.value), workdir)
+    _, metrics = train.train_and_evaluate(make_config(cell, sweeps.DATA_DIR.value), workdir)
     record.update(val_loss=metrics["validation_loss"], diverged=False,
                   rescaled_units=metrics["rescaled_units"])
   except NonFiniteLossError as e:
@@ -132,12 +128,12 @@ def run_cell(cell, results, commit):
 def main(argv):
   del argv
   commit = sweeps.commit_hash()  # the code this process imported, read once at start-up
-  os.makedirs(_RESULTS_DIR.value, exist_ok=True)
+  os.makedirs(sweeps.RESULTS_DIR.value, exist_ok=True)
   new = 0
-  while sweeps.run_next_free_cell(lambda: pending_cells(_RESULTS_DIR.value), cell_workdir,
+  while sweeps.run_next_free_cell(lambda: pending_cells(sweeps.RESULTS_DIR.value), cell_workdir,
                                   lambda cell, results: run_cell(cell, results, commit)):
     new += 1
-    if _LIMIT.value and new >= _LIMIT.value:
+    if sweeps.LIMIT.value and new >= sweeps.LIMIT.value:
       break
   logging.info("No free cell left: %d run by this process.", new)
 

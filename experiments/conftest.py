@@ -1,4 +1,4 @@
-"""Fixtures for the CIFAR-10 experiment tests."""
+"""Fixtures for the experiment tests."""
 
 import os
 
