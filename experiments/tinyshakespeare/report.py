@@ -1,0 +1,125 @@
+r"""Tables and loss curves from the tiny-Shakespeare sweep's result files.
+
+    python -m experiments.tinyshakespeare.report --results_dir=experiments/results
+
+Reads ``tinyshakespeare_search.json`` (the shortened learning-rate search) and
+``tinyshakespeare.json`` (full runs, several seeds) and writes
+``tinyshakespeare.md`` and ``tinyshakespeare.png`` next to them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import app
+
+from experiments.common import sweeps
+from experiments.tinyshakespeare import sweep
+
+LABELS = {"adamw": "AdamW", "enorm": "ENorm(AdamW), all groups",
+          "enorm_mlp": "ENorm(AdamW), MLP only"}
+
+
+def search_table(records) -> str:
+  lrs = sorted({r["lr"] for r in records})
+  lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+           "|---|" + "---|" * len(lrs)]
+  for method in sweep.METHODS:
+    cells = []
+    for lr in lrs:
+      found = [r for r in records if r["method"] == method and r["lr"] == lr]
+      if not found:
+        cells.append("–")
+      elif found[0]["val_loss"] is None:
+        cells.append("diverged")
+      else:
+        best = " **best**" if lr == sweep.best_rate(records, method) else ""
+        cells.append(f"{found[0]['val_loss']:.3f}{best}")
+    lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def final_rows(records) -> list[dict]:
+  """Per method: its rate, seeds, final validation loss mean ± std, diverged count."""
+  rows = []
+  for method in sweep.METHODS:
+    runs = [r for r in records if r["method"] == method]
+    if not runs:
+      continue
+    losses = [r["val_loss"] for r in runs if r["val_loss"] is not None]
+    rows.append(dict(method=method, lr=runs[0]["lr"], seeds=len(runs),
+                     diverged=len(runs) - len(losses),
+                     mean=float(np.mean(losses)) if losses else None,
+                     std=float(np.std(losses, ddof=1)) if len(losses) > 1 else None,
+                     units=runs[0].get("rescaled_units", 0)))
+  return rows
+
+
+def final_table(records) -> str:
+  lines = ["| method | lr | rescaled units | seeds | final validation loss (nats/char) |",
+           "|---|---|---|---|---|"]
+  for row in final_rows(records):
+    if row["mean"] is None:
+      loss = "diverged"
+    else:
+      loss = f"{row['mean']:.4f}" + (f" ± {row['std']:.4f}" if row["std"] is not None else "")
+      if row["diverged"]:
+        loss += f" ({row['diverged']} diverged)"
+    lines.append(f"| {LABELS[row['method']]} | {row['lr']:g} | {row['units']} | "
+                 f"{row['seeds']} | {loss} |")
+  return "\n".join(lines)
+
+
+def figure(search, finals, path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (curves, rates) = plt.subplots(1, 2, figsize=(11, 4))
+  for method in sweep.METHODS:
+    runs = [r for r in finals if r["method"] == method and r["val_loss"] is not None]
+    if runs:
+      steps = [s for s, _ in runs[0]["curve"]]
+      losses = np.array([[v for _, v in r["curve"]] for r in runs
+                         if [s for s, _ in r["curve"]] == steps])
+      mean, std = losses.mean(0), losses.std(0)
+      curves.plot(steps, mean, label=f"{LABELS[method]} (lr {runs[0]['lr']:g}, "
+                  f"{len(losses)} seeds)")
+      curves.fill_between(steps, mean - std, mean + std, alpha=0.25)
+    done = sorted((r["lr"], r["val_loss"]) for r in search
+                  if r["method"] == method and r["val_loss"] is not None)
+    if done:
+      rates.plot(*zip(*done), marker="o", label=LABELS[method])
+  curves.set(xlabel="step", ylabel="validation loss (nats/char)", ylim=(None, 2.6),
+             title="Full runs: mean ± std over seeds")
+  rates.set(xscale="log", xlabel="peak learning rate", ylabel="validation loss",
+            title=f"Learning-rate search ({sweep.SEARCH_STEPS} steps)")
+  for ax in (curves, rates):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def render(results_dir: str) -> str:
+  search = sweeps.read_results(os.path.join(results_dir, sweep.SEARCH_FILE))
+  finals = sweeps.read_results(os.path.join(results_dir, sweep.FINAL_FILE))
+  text = ("## Tiny Shakespeare: AdamW against ENorm(AdamW)\n\n"
+          f"Learning-rate search, seed 0, {sweep.SEARCH_STEPS} steps "
+          "(final validation loss, nats per character):\n\n" + search_table(search) +
+          "\n\nFull runs at each method's best rate:\n\n" + final_table(finals) +
+          "\n\nMade by `python -m experiments.tinyshakespeare.report`.\n")
+  with open(os.path.join(results_dir, "tinyshakespeare.md"), "w") as f:
+    f.write(text)
+  figure(search, finals, os.path.join(results_dir, "tinyshakespeare.png"))
+  return text
+
+
+def main(argv):
+  del argv
+  print(render(sweeps.RESULTS_DIR.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

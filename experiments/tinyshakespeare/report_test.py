@@ -1,0 +1,27 @@
+"""The tiny-Shakespeare report: tables with mean ± std, diverged runs, the figure."""
+
+import json
+
+from experiments.tinyshakespeare import report, sweep
+
+
+def _run(method, lr, loss, seed=0, steps=300):
+  curve = [[100, 2.5], [steps, loss]] if loss is not None else [[100, 2.5]]
+  return dict(method=method, c=1.0, lr=lr, num_steps=steps, seed=seed, val_loss=loss,
+              curve=curve, rescaled_units=0 if method == "adamw" else 64)
+
+
+def test_render_writes_tables_and_figure(tmp_path):
+  search = [_run("adamw", 1e-3, 2.0), _run("adamw", 1e-2, 1.9), _run("enorm", 1e-2, None),
+            _run("enorm", 1e-3, 2.1)]
+  finals = [_run("adamw", 1e-2, loss, seed, 1000) for seed, loss in enumerate((1.5, 1.6))]
+  finals += [_run("enorm", 1e-3, None, 0, 1000), _run("enorm", 1e-3, 1.7, 1, 1000)]
+  (tmp_path / sweep.SEARCH_FILE).write_text(json.dumps(search))
+  (tmp_path / sweep.FINAL_FILE).write_text(json.dumps(finals))
+  text = report.render(str(tmp_path))
+  assert "| AdamW | 2.000 | 1.900 **best** |" in text
+  assert "| ENorm(AdamW), all groups | 2.100 **best** | diverged |" in text
+  assert "| AdamW | 0.01 | 0 | 2 | 1.5500 ± 0.0707 |" in text
+  assert "| ENorm(AdamW), all groups | 0.001 | 64 | 2 | 1.7000 (1 diverged) |" in text
+  assert (tmp_path / "tinyshakespeare.png").stat().st_size > 0
+  assert (tmp_path / "tinyshakespeare.md").read_text() == text
