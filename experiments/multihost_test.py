@@ -1,7 +1,9 @@
 """Multi-process training on one machine: several JAX processes over loopback.
 
 Each run is a real `python -m experiments.<task>.main --distributed` launched by
-`experiments.launch` (gloo collectives, simulated CPU devices per process).
+`experiments.launch` (gloo collectives, simulated CPU devices per process). The
+default test run keeps the FC/ENorm comparison and the launcher test; all of them:
+`pytest -m multihost` (about 5 minutes on 2 cores).
 """
 
 import os
@@ -94,8 +96,9 @@ def metric_rows(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("model,method", [("fc", "enorm"), ("fc", "bn"),
-                                          ("cifar_nv", "enorm"), ("cifar_nv", "bn")])
+@pytest.mark.parametrize("model,method", [
+    ("fc", "enorm"), *(pytest.param(m, n, marks=pytest.mark.slow)
+                       for m, n in (("fc", "bn"), ("cifar_nv", "enorm"), ("cifar_nv", "bn")))])
 def test_two_processes_match_one(image_folder, tmp_path, model, method):
   settings = cifar_settings(image_folder, tmp_path, model, method)
   args = cifar_args(model, settings)
@@ -116,6 +119,7 @@ def test_two_processes_match_one(image_folder, tmp_path, model, method):
   assert "[p0]  \"validation_acc\"" in stdout and "[p1]  \"validation_acc\"" not in stdout
 
 
+@pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_in_one_process(image_folder, tmp_path):
   settings = cifar_settings(image_folder, tmp_path, "fc", "enorm", checkpoint_every_steps=4)
   args = cifar_args("fc", settings)
@@ -128,6 +132,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(image_folder, tmp_path)
   assert_equal_to_rounding(resumed.params, reference.params)
 
 
+@pytest.mark.slow
 def test_a_killed_process_stops_the_other_and_a_restart_resumes(image_folder, tmp_path):
   settings = cifar_settings(image_folder, tmp_path, "fc", "enorm", num_epochs=10,
                             checkpoint_every_steps=2)
@@ -179,6 +184,7 @@ def test_the_launcher_fails_when_a_process_fails(tmp_path):
   assert code == 3 and time.time() - start < 30
 
 
+@pytest.mark.slow
 def test_imagenet_trains_in_two_processes(tmp_path):
   from experiments.imagenet.train_test import make_folder
   folder = make_folder(tmp_path / "imagenet")
