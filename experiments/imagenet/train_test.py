@@ -56,6 +56,22 @@ def test_pipeline_shapes_and_determinism(folder):
   assert sum(int(b["mask"].sum()) for b in ev) == 40 and ev[-1]["image"].shape[0] == 16
 
 
+def test_evaluation_shards_score_every_example_once(folder, monkeypatch):
+  """40 validation images over 3 processes (shards of 14, 13, 13) in batches of 13:
+  each process yields two batches (the collectives need the same count), padding
+  masked, though 13 images would fit in one."""
+  config = config_for(folder, "enorm")
+  batches, labels = [], []
+  for index in range(3):
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    monkeypatch.setattr(jax, "process_index", lambda i=index: i)
+    ev = list(input_pipeline.eval_dataset(config, "val", 13).as_numpy_iterator())
+    batches.append(len(ev))
+    labels += [b["label"][b["mask"] > 0] for b in ev]
+  assert batches == [2, 2, 2]
+  np.testing.assert_array_equal(np.bincount(np.concatenate(labels)), [4] * 10)
+
+
 @pytest.mark.parametrize("method", train.IMAGENET_METHODS)
 def test_few_steps_of_each_method_on_8_devices(folder, tmp_path, method):
   assert jax.device_count() == 8
