@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
 from experiments.cifar10 import input_pipeline, train
@@ -20,7 +21,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
   data_dir = config.data_dir if data_dir is None else data_dir
   ds = input_pipeline.load_for_evaluation(config, workdir, data_dir, split)
   setup = train.create_setup(config, total_steps=1)
-  state = trainer.Checkpoints(workdir).restore_latest(setup.state)
+  template = jax.device_put(setup.state, trainer.replicated(mesh))  # any process count
+  state = trainer.Checkpoints(workdir).restore_latest(template)
   if state is None:
     raise FileNotFoundError(f"No readable checkpoint in {workdir}/checkpoints.")
   _, eval_fn = methods.make_steps(setup, config, mesh)
