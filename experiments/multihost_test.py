@@ -112,7 +112,7 @@ def test_two_processes_match_one(image_folder, tmp_path, model, method):
   # Every validation example scored once: the same metrics as one process.
   last_one, last_two = metric_rows(tmp_path / "one")[-1], metric_rows(tmp_path / "two")[-1]
   assert last_two["validation_acc"] == last_one["validation_acc"]
-  assert last_two["validation_loss"] == pytest.approx(last_one["validation_loss"], rel=1e-5)
+  assert last_two["validation_loss"] == pytest.approx(last_one["validation_loss"], rel=2e-4)
   # Process 0 alone writes metrics and prints results.
   steps = [r["step"] for r in metric_rows(tmp_path / "two")]
   assert len(steps) == len(metric_rows(tmp_path / "one"))
