@@ -111,7 +111,9 @@ def test_two_processes_match_one(image_folder, tmp_path, model, method):
   assert_equal_to_rounding(two.batch_stats, one.batch_stats)
   # Every validation example scored once: the same metrics as one process.
   last_one, last_two = metric_rows(tmp_path / "one")[-1], metric_rows(tmp_path / "two")[-1]
-  assert last_two["validation_acc"] == last_one["validation_acc"]
+  # (The drift may flip one of the 24 examples; a missed or doubled example would
+  # move the mean loss by about 4 %.)
+  assert abs(last_two["validation_acc"] - last_one["validation_acc"]) <= 1 / 24 + 1e-6
   assert last_two["validation_loss"] == pytest.approx(last_one["validation_loss"], rel=2e-4)
   # Process 0 alone writes metrics and prints results.
   steps = [r["step"] for r in metric_rows(tmp_path / "two")]
