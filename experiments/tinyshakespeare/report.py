@@ -56,9 +56,20 @@ def final_rows(records) -> list[dict]:
   return rows
 
 
+def paired_difference(records, method) -> str:
+  """Mean ± std over seeds of (method - AdamW) with the same seed (init and data order)."""
+  loss = {(r["method"], r["seed"]): r["val_loss"] for r in records}
+  diffs = [loss[(method, s)] - loss[("adamw", s)] for m, s in loss
+           if m == method and loss[(m, s)] is not None and loss.get(("adamw", s)) is not None]
+  if method == "adamw" or not diffs:
+    return "–"
+  spread = f" ± {np.std(diffs, ddof=1):.4f}" if len(diffs) > 1 else ""
+  return f"{np.mean(diffs):+.4f}{spread} (n={len(diffs)})"
+
+
 def final_table(records) -> str:
-  lines = ["| method | lr | rescaled units | seeds | final validation loss (nats/char) |",
-           "|---|---|---|---|---|"]
+  lines = ["| method | lr | rescaled units | seeds | final validation loss (nats/char) "
+           "| minus AdamW, same seed |", "|---|---|---|---|---|---|"]
   for row in final_rows(records):
     if row["mean"] is None:
       loss = "diverged"
@@ -67,7 +78,7 @@ def final_table(records) -> str:
       if row["diverged"]:
         loss += f" ({row['diverged']} diverged)"
     lines.append(f"| {LABELS[row['method']]} | {row['lr']:g} | {row['units']} | "
-                 f"{row['seeds']} | {loss} |")
+                 f"{row['seeds']} | {loss} | {paired_difference(records, row['method'])} |")
   return "\n".join(lines)
 
 

@@ -21,7 +21,8 @@ def test_render_writes_tables_and_figure(tmp_path):
   text = report.render(str(tmp_path))
   assert "| AdamW | 2.000 | 1.900 **best** |" in text
   assert "| ENorm(AdamW), all groups | 2.100 **best** | diverged |" in text
-  assert "| AdamW | 0.01 | 0 | 2 | 1.5500 ± 0.0707 |" in text
-  assert "| ENorm(AdamW), all groups | 0.001 | 64 | 2 | 1.7000 (1 diverged) |" in text
+  assert "| AdamW | 0.01 | 0 | 2 | 1.5500 ± 0.0707 | – |" in text
+  assert ("| ENorm(AdamW), all groups | 0.001 | 64 | 2 | 1.7000 (1 diverged) "
+          "| +0.1000 (n=1) |") in text
   assert (tmp_path / "tinyshakespeare.png").stat().st_size > 0
   assert (tmp_path / "tinyshakespeare.md").read_text() == text
