@@ -65,7 +65,7 @@ def launch(command: list[str], processes: int, devices: int = 0,
   for i in range(processes):
     p = subprocess.Popen(command, env=process_env(i, processes, port, devices),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         start_new_session=True)
+                         process_group=0)  # its own group, stopped as one
     procs.append(p)
     relays.append(threading.Thread(target=_relay, args=(p.stdout, f"[p{i}] ", sys.stdout),
                                    daemon=True))

@@ -3,7 +3,7 @@
 Each run is a real `python -m experiments.<task>.main --distributed` launched by
 `experiments.launch` (gloo collectives, simulated CPU devices per process). The
 default test run keeps the FC/ENorm comparison and the launcher test; all of them:
-`pytest -m multihost` (about 5 minutes on 2 cores).
+`pytest -m multihost` (13 minutes on a 2-core machine shared with two training runs).
 """
 
 import os

@@ -255,13 +255,8 @@ def main(argv):
   del argv
   commit = sweeps.commit_hash()  # the code this process imported, read once at start-up
   os.makedirs(sweeps.RESULTS_DIR.value, exist_ok=True)
-  new = 0
-  while run_next_free_cell(_SWEEP.value, sweeps.RESULTS_DIR.value, commit):
-    new += 1
-    if sweeps.LIMIT.value and new >= sweeps.LIMIT.value:
-      break
-  logging.info("No free cell left: %d run by this process.", new)
-
+  sweeps.run_free_cells(lambda: run_next_free_cell(_SWEEP.value, sweeps.RESULTS_DIR.value,
+                                                  commit))
 
 def run_next_free_cell(sweep, results_dir, commit) -> bool:
   """Runs the first pending cell no other process holds; False if there is none."""

@@ -16,7 +16,7 @@ import os
 import subprocess
 from typing import Any, Callable, Iterator
 
-from absl import flags
+from absl import flags, logging
 
 Cell = dict[str, Any]
 
@@ -87,3 +87,14 @@ def run_next_free_cell(pending: Callable[[], list[tuple[Cell, str]]],
         run(cell, results)
         return True
   return False
+
+
+def run_free_cells(run_next: Callable[[], bool]) -> int:
+  """Calls ``run_next()`` until it finds no free cell or ``--limit`` cells ran."""
+  new = 0
+  while run_next():
+    new += 1
+    if LIMIT.value and new >= LIMIT.value:
+      break
+  logging.info("No free cell left: %d run by this process.", new)
+  return new

@@ -17,7 +17,7 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 
 from experiments.common import sweeps
 from experiments.common.trainer import NonFiniteLossError
@@ -129,14 +129,9 @@ def main(argv):
   del argv
   commit = sweeps.commit_hash()  # the code this process imported, read once at start-up
   os.makedirs(sweeps.RESULTS_DIR.value, exist_ok=True)
-  new = 0
-  while sweeps.run_next_free_cell(lambda: pending_cells(sweeps.RESULTS_DIR.value), cell_workdir,
-                                  lambda cell, results: run_cell(cell, results, commit)):
-    new += 1
-    if sweeps.LIMIT.value and new >= sweeps.LIMIT.value:
-      break
-  logging.info("No free cell left: %d run by this process.", new)
-
+  sweeps.run_free_cells(lambda: sweeps.run_next_free_cell(
+      lambda: pending_cells(sweeps.RESULTS_DIR.value), cell_workdir,
+      lambda cell, results: run_cell(cell, results, commit)))
 
 if __name__ == "__main__":
   app.run(main)
