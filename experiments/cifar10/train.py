@@ -15,7 +15,7 @@ import optax
 
 from enorm_jax import models
 from experiments.cifar10 import input_pipeline
-from experiments.common import methods, trainer
+from experiments.common import distributed, methods, trainer
 from experiments.common.methods import METHODS  # noqa: F401  (re-exported)
 
 MODELS = ("fc", "cifar_nv")
@@ -78,7 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   trainer.check_batch_size(config.batch_size, mesh)
   trainer.check_workdir(workdir)
   ds = input_pipeline.load(config)
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     input_pipeline.save_stats(ds, workdir)
   per_epoch = input_pipeline.steps_per_epoch(ds, config.batch_size)
   total_steps = per_epoch * config.num_epochs
