@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from enorm_jax import paths as tree_paths
-from enorm_jax.graph import RescalingGraph, ResolvedEntry, require_graph
+from enorm_jax.graph import RescalingGraph, require_graph
+from enorm_jax.resolved import ResolvedEntry
 from enorm_jax.plan import (MAX_SLICES, Plan, Scales, abs_pow, expand, flatten_with_paths, sum_leading,
                             to_units, unit_reduce)
 

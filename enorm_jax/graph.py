@@ -20,17 +20,17 @@ says where the units sit in it:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from enorm_jax import paths as tree_paths
+from enorm_jax.resolved import (ResolvedEntry, ResolvedGroup, Sides, format_ranges,
+                                resolve_group, uncovered)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,37 +100,7 @@ class Entry:
 
 
 @dataclasses.dataclass(frozen=True)
-class ResolvedEntry:
-  """An `Entry` checked against its parameter's shape (internal)."""
-
-  path: str
-  shape: tuple[int, ...]
-  view: tuple[int, ...]
-  axes: tuple[int, ...]
-  offset: int
-
-  @property
-  def extent(self) -> int:
-    """Length of the combined unit axis."""
-    return math.prod(self.view[a] for a in self.axes)
-
-
-class _Sides:
-  """The entries of a group by side; shared by `Group` and `ResolvedGroup`."""
-
-  @property
-  def multiplied(self) -> tuple:
-    """Entries multiplied by ``d``: producers, their biases and carried values."""
-    return self.producers + self.biases + self.carried
-
-  @property
-  def divided(self) -> tuple:
-    """Entries divided by ``d``: consumers and their biases."""
-    return self.consumers + self.consumer_biases
-
-
-@dataclasses.dataclass(frozen=True)
-class Group(_Sides):
+class Group(Sides):
   """A set of ``size`` hidden units that are rescaled together.
 
   Attributes:
@@ -248,13 +218,13 @@ class RescalingGraph:
     claim the same position of a parameter axis, or if the entries on an axis
     leave positions uncovered and none of them is marked ``partial``.
     """
-    resolved = tuple(_resolve_group(g, leaves) for g in self.groups)
-    for path, axes, extent, spans, gaps in self._uncovered(resolved):
+    resolved = tuple(resolve_group(g, leaves) for g in self.groups)
+    for path, axes, extent, spans, gaps in uncovered(self.groups, resolved):
       if not any(partial for _, _, _, partial in spans):
         covered = ", ".join(f"{a}..{b - 1} ({label})" for a, b, label, _ in spans)
         raise ValueError(
             f"Parameter {path!r}, axis {axes[0] if len(axes) == 1 else axes}: the graph "
-            f"covers positions {covered} of {extent}, and leaves {_fmt_ranges(gaps)} "
+            f"covers positions {covered} of {extent}, and leaves {format_ranges(gaps)} "
             "uncovered. Every position of a rescaled axis must belong to exactly one "
             "unit. If these params belong to another model (e.g. a wider layer), "
             "rebuild the graph from them; if the slice is deliberate, mark the entry "
@@ -265,37 +235,8 @@ class RescalingGraph:
     """``{(path, axes): [(start, stop), ...]}``: positions of each rescaled parameter
     axis that no entry covers (`resolve` raises for them unless an entry is
     ``partial``)."""
-    resolved = tuple(_resolve_group(g, leaves) for g in self.groups)
-    return {(path, axes): gaps for path, axes, _, _, gaps in self._uncovered(resolved)}
-
-  def _uncovered(self, resolved):
-    """``(path, axes, extent, spans, gaps)`` of every axis side with uncovered positions."""
-    for (path, _, axes, _), (extent, spans) in self._spans(resolved).items():
-      gaps = _gaps(extent, spans)
-      if gaps:
-        yield path, axes, extent, spans, gaps
-
-  def _spans(self, resolved):
-    """(path, view, axes, side) -> (extent, sorted [(start, stop, group label,
-    partial)]), where side is +1 (multiplied: producers, biases, carried) or -1
-    (divided: consumers); raises where two units of one side overlap."""
-    spans = collections.defaultdict(list)
-    for g, rg in zip(self.groups, resolved):
-      sides = ((1, g.multiplied, rg.multiplied), (-1, g.divided, rg.divided))
-      for side, entries, resolved_entries in sides:
-        for e, r in zip(entries, resolved_entries):
-          spans[(r.path, r.view, r.axes, side)].append(
-              (r.offset, r.offset + g.size, g.label, e.partial))
-    for (path, _, axes, _), items in spans.items():
-      items.sort(key=lambda item: item[:2])
-      for (a0, b0, l0, _), (a1, b1, l1, _) in zip(items, items[1:]):
-        if a1 < b0:
-          raise ValueError(
-              f"Parameter {path!r}, axis {axes[0] if len(axes) == 1 else axes}: "
-              f"positions {a1}..{min(b0, b1) - 1} belong to two units ({l0} and {l1}). "
-              "A position can be rescaled by one group only; fix the entries' offsets.")
-    return {key: (math.prod(key[1][a] for a in key[2]), items)
-            for key, items in spans.items()}
+    resolved = tuple(resolve_group(g, leaves) for g in self.groups)
+    return {(path, axes): gaps for path, axes, _, _, gaps in uncovered(self.groups, resolved)}
 
   @functools.cached_property
   def phases(self) -> tuple[tuple[int, ...], ...]:
@@ -360,86 +301,6 @@ def require_graph(graph: Any, argument: str = "graph") -> RescalingGraph:
     hint = (" A sequence here is usually the per-group scales: check the argument order "
             "(e.g. rescale(tree, scales, graph)).")
   raise TypeError(f"{argument} must be a RescalingGraph, got {type(graph).__name__}.{hint}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ResolvedGroup(_Sides):
-  """A `Group` whose entries are checked against the params (internal)."""
-
-  size: int
-  producers: tuple[ResolvedEntry, ...]
-  biases: tuple[ResolvedEntry, ...]
-  consumers: tuple[ResolvedEntry, ...]
-  carried: tuple[ResolvedEntry, ...]
-  consumer_biases: tuple[ResolvedEntry, ...]
-
-
-def _gaps(extent, spans):
-  """The [start, stop) ranges of ``range(extent)`` that no sorted span covers."""
-  gaps, position = [], 0
-  for start, stop, _, _ in spans:
-    if start > position:
-      gaps.append((position, start))
-    position = max(position, stop)
-  if position < extent:
-    gaps.append((position, extent))
-  return gaps
-
-
-def _fmt_ranges(ranges) -> str:
-  return ", ".join(f"{a}..{b - 1}" if b - a > 1 else f"{a}" for a, b in ranges)
-
-
-def _check_leaf(path: str, leaves: Mapping[str, Any], group: Group):
-  if path not in leaves:
-    close = [p for p in leaves if p.split("/")[-1] == path.split("/")[-1]]
-    hint = f" Parameters with the same name: {tree_paths.describe_paths(close)}." if close else ""
-    if path.rsplit("/", 1)[-1] in ("mean", "var"):
-      hint += (" It looks like a BatchNorm running statistic: the graph was traced in eval "
-               "mode with the batch statistics as leaves. To train only the params (e.g. "
-               "nnx.Optimizer(model, tx, wrt=nnx.Param)), trace the model in train mode "
-               "with the params alone: units feeding a BatchNorm are then left out and its "
-               "scale and bias produce the next units, so no statistic moves.")
-    raise ValueError(
-        f"Group {group.label}: parameter path {path!r} is not in the params pytree."
-        f"{hint} Paths are '/'-joined keys of the tree passed to balance (for Linen, "
-        f"variables['params']). Available: {tree_paths.describe_paths(leaves)}.")
-  leaf = leaves[path]
-  dtype = getattr(leaf, "dtype", None)
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(
-        f"Group {group.label}: parameter {path!r} has dtype {dtype}; only floating "
-        "point parameters can be rescaled. Remove it from the graph.")
-  return tuple(leaf.shape)
-
-
-def _resolve_entry(entry: Entry, leaves, group: Group) -> ResolvedEntry:
-  resolved = entry.resolved(_check_leaf(entry.path, leaves, group))
-  if resolved.offset + group.size > resolved.extent:
-    raise ValueError(
-        f"Group {group.label} has {group.size} units but parameter {entry.path!r} "
-        f"(shape {resolved.shape}, view {resolved.view}) has only {resolved.extent} "
-        f"positions along axis {entry.axis}" +
-        (f" after offset {entry.offset}" if entry.offset else "") +
-        f": expected size {entry.offset + group.size}, got {resolved.extent}. "
-        "Check the entry's axis, view and offset.")
-  return resolved
-
-
-def _resolve_group(group: Group, leaves) -> ResolvedGroup:
-  def resolve_all(entries):
-    return tuple(_resolve_entry(e, leaves, group) for e in entries)
-
-  for e in group.biases + group.consumer_biases:
-    shape = _check_leaf(e.path, leaves, group)
-    if len(shape) != 1 and e.view is None and e.axes == (0,):
-      raise ValueError(
-          f"Group {group.label}: bias {e.path!r} has shape {shape}; a bias read along "
-          "axis 0 must be 1-D. Give its entry the axes of the units (e.g. "
-          "Entry(path, axis=(0, 1)) for a (heads, head_dim) bias) or a `view`.")
-  return ResolvedGroup(group.size, resolve_all(group.producers), resolve_all(group.biases),
-                       resolve_all(group.consumers), resolve_all(group.carried),
-                       resolve_all(group.consumer_biases))
 
 
 def _heights(graph: RescalingGraph) -> dict[str, int] | None:

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from enorm_jax import paths as tree_paths
-from enorm_jax.graph import RescalingGraph, ResolvedEntry, ResolvedGroup, require_graph
+from enorm_jax.graph import RescalingGraph, require_graph
+from enorm_jax.resolved import ResolvedEntry, ResolvedGroup
 
 Scales = tuple[jax.Array, ...]
 
