@@ -47,3 +47,21 @@ def test_render_writes_every_table_and_figure(tmp_path):
   report.render(str(tmp_path))
   for name in ("cifar10_fc.md", "cifar10_fc.png", "cifar10_conv.md", "cifar10_conv.png"):
     assert (tmp_path / name).stat().st_size > 0
+
+
+def test_conv_bias_table_pairs_each_run_without_biases_with_its_biased_cell(tmp_path):
+  setting = dict(batch_size=8, momentum=0.9, width_multiplier=0.25)
+  records = [_record("enorm", 1.0, None, **setting), _record("baseline", 1.0, 0.6, **setting),
+             _record("enorm", 1.0, 0.55, use_bias=False, **setting),
+             _record("baseline", 1.0, 0.58, use_bias=False, **setting),
+             _record("enorm", 1.2, 0.5, use_bias=False, **setting),
+             dict(_record("baseline", 1.0, 0.7, **setting), seed=1)]  # other seed: no pair
+  table = report.conv_bias_table(records)
+  assert "| 8 | 0.9 | 0.05 | Baseline | 60.00 | 58.00 | -2.00 |" in table
+  assert "| 8 | 0.9 | 0.05 | ENorm-1 | diverged | 55.00 |  |" in table
+  assert "| 8 | 0.9 | 0.05 | ENorm-1.2 | not run | 50.00 |  |" in table
+  assert table.index("Baseline") < table.index("ENorm-1 ") < table.index("ENorm-1.2")
+  (tmp_path / "cifar10_conv.json").write_text(json.dumps(records))
+  report.render(str(tmp_path))
+  assert (tmp_path / "cifar10_conv_no_bias.md").read_text().startswith(table)
+  assert "ENorm-1.2 | 50" not in (tmp_path / "cifar10_conv.md").read_text()
