@@ -131,13 +131,13 @@ def fc_figure(best, path, title):
   plt.close(fig)
 
 
-def conv_table(records, biases="with biases") -> tuple[str, dict]:
+def conv_table(records) -> tuple[str, dict]:
   best, shown = shown_by(records, lambda r: (method_label(r), r["batch_size"], r["momentum"]))
   cols = sorted({(b, mo) for _, b, mo in shown})
   setting = ", ".join(sorted({f"width x{r.get('width_multiplier') or 1:g}, "
                               f"{r['epochs']} epochs" for r in records}))
   setting += ", lr " + " or ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in records}))
-  lines = [f"### CIFAR-NV {biases}, REDUCED protocol (see configs/conv_reduced.py)", "",
+  lines = ["### CIFAR-NV with biases, REDUCED protocol (see configs/conv_reduced.py)", "",
            f"Validation accuracy %, one seed, the best of the rates run per cell (not a "
            f"full search; see configs/conv_reduced.py); "
            f"{setting}; runs finished: {len(records)}.", "",

@@ -258,6 +258,7 @@ def main(argv):
   sweeps.run_free_cells(lambda: run_next_free_cell(_SWEEP.value, sweeps.RESULTS_DIR.value,
                                                   commit))
 
+
 def run_next_free_cell(sweep, results_dir, commit) -> bool:
   """Runs the first pending cell no other process holds; False if there is none."""
   return sweeps.run_next_free_cell(lambda: pending_cells(sweep, results_dir),

@@ -133,5 +133,6 @@ def main(argv):
       lambda: pending_cells(sweeps.RESULTS_DIR.value), cell_workdir,
       lambda cell, results: run_cell(cell, results, commit)))
 
+
 if __name__ == "__main__":
   app.run(main)
