@@ -21,9 +21,7 @@ The built-in rules are in `enorm_jax.trace_rules`; `register_rule` adds more
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import itertools
 import os
 import warnings
 from collections.abc import Callable
@@ -36,9 +34,10 @@ from jax.extend import core as jcore
 
 from enorm_jax import paths as tree_paths
 from enorm_jax import trace_contractions, trace_rules  # noqa: F401  (register the rules)
-from enorm_jax.graph import Entry, Group, RescalingGraph
-from enorm_jax.trace_core import (ACTIVATION, UNSCALED, ParamView, Scaled, TraceStop, Tracer,
-                                  rule_for, taint_all)
+from enorm_jax import trace_groups
+from enorm_jax.graph import RescalingGraph
+from enorm_jax.trace_core import (ACTIVATION, ParamView, Scaled, TraceStop, Tracer, rule_for,
+                                  taint_all)
 
 _SUB_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
@@ -238,71 +237,11 @@ def explain_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
       tr.stop(t.units, "are outputs of the function, not hidden units")
     elif isinstance(t, ParamView):
       tr.taint(t.path, "returned as an output")
-  graph, stopped = _build_graph(tr, paths)
+  graph, stopped = trace_groups.build_graph(tr, paths)
   graph = _mark_partial(graph, shapes)
   stopped += _unaccounted(graph, stopped, tr, paths, leaves)
   return TraceReport(graph, stopped)
 
-
-def _build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str]]:
-  classes: dict[int, list[int]] = collections.defaultdict(list)
-  for u, root in enumerate(tr.roots().tolist()):
-    classes[root].append(u)
-  # Per class: which (role, path) leaves it touches, in order of first appearance.
-  # A unit whose factor is the inverse of its class's (a key projection's, tied to
-  # the queries) plays the opposite role: producers are divided, consumers multiplied.
-  signature: dict[int, dict[tuple[str, str], None]] = collections.defaultdict(dict)
-  leaf_classes: dict[tuple[str, str], np.ndarray] = {}
-  table, parity = tr.roots(), tr.parities()
-  for (role, path), units in tr.leaf_units.items():
-    used = units >= 0
-    roots = np.where(used, table[np.maximum(units, 0)], UNSCALED)
-    inverse = used & (parity[np.maximum(units, 0)] == 1)
-    for key, mask in (((role, path), used & ~inverse), (("inverse_" + role, path), inverse)):
-      if mask.any():
-        previous = leaf_classes.get(key, np.full(units.shape, UNSCALED, np.int64))
-        leaf_classes[key] = np.where(mask, roots, previous)
-        for r in np.unique(roots[mask]).tolist():
-          signature[r][key] = None
-  reasons: dict[str, str] = {}
-  valid = {}
-  for root, members in classes.items():
-    sig = signature.get(root, {})
-    roles = {role for role, _ in sig}
-    touched = {p for _, p in sig}
-    problem = next((tr.stopped[u] for u in members if u in tr.stopped), None)
-    if problem is None:
-      problem = next((f"{p} is {tr.tainted[p]}" for p in touched if p in tr.tainted), None)
-    fields = {_GROUP_FIELD[role] for role in roles}
-    if problem is None and None in fields:
-      problem = "a carried value (a running mean) would need the inverse factor"
-    if problem is None and not {"producers", "consumers"} <= fields:
-      problem = "not read by any later parameterized layer" if "producers" in fields \
-          else "not produced by a parameterized layer"
-    if problem is None and any(
-        {_GROUP_FIELD[r] for r, q in sig if q == p} >= {"producers", "consumers"}
-        for p in touched):
-      problem = "a parameter both produces and consumes the same units (weight sharing)"
-    if problem is None:
-      valid[root] = tuple(sig)
-    else:
-      producer = tr.unit_producer[root]
-      reasons.setdefault(f"{producer.rsplit('/', 1)[0]} outputs", problem)
-  by_signature: dict[tuple, list[int]] = collections.defaultdict(list)
-  for root, sig in valid.items():
-    by_signature[sig].append(root)
-  groups = []
-  for sig, roots in by_signature.items():
-    group, problem = _make_group(sig, set(roots), leaf_classes)
-    anchor = next(p for role, p in sig if role in ("producer", "inverse_consumer"))
-    if group is None:
-      reasons.setdefault(f"{anchor.rsplit('/', 1)[0]} outputs", problem)
-    else:
-      first = min(classes[r][0] for r in roots)
-      groups.append((first, group))
-  groups.sort(key=lambda g: g[0])
-  stopped = [f"{k}: {v}" for k, v in reasons.items()]
-  return RescalingGraph(tuple(g for _, g in groups)), stopped
 
 
 def _unaccounted(graph, stopped, tr, paths, leaves) -> list[str]:
@@ -346,82 +285,3 @@ def _mark_partial(graph: RescalingGraph, shapes) -> RescalingGraph:
                           carried=mark(g.carried), biases=mark(g.biases),
                           consumer_biases=mark(g.consumer_biases))
       for g in graph))
-
-
-# Tracer role -> Group field; "inverse_" roles belong to units tied inverse to their class.
-_GROUP_FIELD = {"producer": "producers", "consumer": "consumers", "bias": "biases",
-                "carried": "carried", "inverse_producer": "consumers",
-                "inverse_consumer": "producers", "inverse_bias": "consumer_biases",
-                "inverse_carried": None}
-
-
-def _make_group(sig, roots, leaf_classes):
-  order = None
-  entries = collections.defaultdict(list)
-  for role, path in sig:
-    classes = np.where(np.isin(leaf_classes[(role, path)], list(roots)),
-                       leaf_classes[(role, path)], UNSCALED)
-    fit = _fit_entry(path, classes, len(roots))
-    if fit is None:
-      return None, f"{path}: its units do not form an axis-aligned layout"
-    entry, sequence = fit
-    if order is None:
-      order = sequence
-    elif sequence != order:
-      return None, f"{path}: its units are in a different order than the group's"
-    entries[_GROUP_FIELD[role]].append(entry)
-  anchor = next(p for role, p in sig if role in ("producer", "inverse_consumer"))
-  name = f"{anchor.rsplit('/', 1)[0]} outputs"
-  return Group(len(order), **{f: tuple(e) for f, e in entries.items()}, name=name), None
-
-
-def _divisors(n):
-  return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _candidate_views(shape):
-  """(view, axes) candidates, from simplest to most general."""
-  shape = tuple(shape)
-  for a in range(len(shape)):
-    yield None, (a,)
-  for a in range(len(shape)):
-    for outer in _divisors(shape[a]):
-      for inner in _divisors(shape[a] // outer):
-        if outer == 1 and inner == 1:
-          continue
-        mid = shape[a] // (outer * inner)
-        yield shape[:a] + (outer, mid, inner) + shape[a + 1:], (a + 1,)
-  for a, b in itertools.permutations(range(len(shape)), 2):
-    for g in _divisors(shape[b])[1:]:
-      view = shape[:b] + (g, shape[b] // g) + shape[b + 1:]
-      a_view = a if a < b else a + 1
-      yield view, (b, a_view)
-  # Units on one axis and the inner part of another, e.g. rotary embeddings' pairs
-  # (d, d + head_dim / 2) sharing one unit per (head, d mod head_dim / 2).
-  for a, b in itertools.permutations(range(len(shape)), 2):
-    for g in _divisors(shape[b])[1:]:
-      view = shape[:b] + (g, shape[b] // g) + shape[b + 1:]
-      a_view = a if a < b else a + 1
-      yield view, tuple(sorted((a_view, b + 1)))
-
-
-def _fit_entry(path, classes, n):
-  """An `Entry` whose unit sequence reproduces ``classes`` (element -> class or -1)."""
-  for view, axes in _candidate_views(classes.shape):
-    v = classes if view is None else classes.reshape(view)
-    rest = [d for d in range(v.ndim) if d not in axes]
-    moved = np.transpose(v, list(axes) + rest).reshape(
-        int(np.prod([v.shape[a] for a in axes])), -1)
-    if (moved.min(axis=1) != moved.max(axis=1)).any():
-      continue
-    seq = moved[:, 0]
-    inside = np.nonzero(seq >= 0)[0]
-    if len(inside) != n or inside[-1] - inside[0] + 1 != n:
-      continue
-    sequence = seq[inside[0]:inside[-1] + 1].tolist()
-    if len(set(sequence)) != n:
-      continue
-    axis = axes[0] if len(axes) == 1 else axes
-    return Entry(path, axis, view=view, offset=int(inside[0])), sequence
-  return None
-
