@@ -1,6 +1,7 @@
 """The report renders tables and figures from result records."""
 
 import json
+import pathlib
 
 from experiments.cifar10 import report
 
@@ -65,3 +66,39 @@ def test_conv_bias_table_pairs_each_run_without_biases_with_its_biased_cell(tmp_
   report.render(str(tmp_path))
   assert (tmp_path / "cifar10_conv_no_bias.md").read_text().startswith(table)
   assert "ENorm-1.2 | 50" not in (tmp_path / "cifar10_conv.md").read_text()
+
+
+def _markdown_rows(text, header):
+  """The body rows of the markdown table whose header line starts with ``header``."""
+  lines = text[text.index(header):].splitlines()[2:]
+  rows = []
+  for line in lines:
+    if not line.startswith("|"):
+      return rows
+    rows.append([cell.strip().strip("*") for cell in line.strip("|").split("|")])
+  return rows
+
+
+def test_readme_fc_tables_match_the_committed_results():
+  """The FC tables written by hand in README.md and the results README state exactly
+  the mean ± std that the report computes from `cifar10_fc.json`."""
+  root = pathlib.Path(__file__).resolve().parents[2]
+  results = root / "experiments" / "results"
+  records = json.loads((results / "cifar10_fc.json").read_text())
+  summary = report.seed_summaries(records, lambda r: (report.method_label(r), r["depth"]))
+  methods = ("Baseline", "BN", "ENorm-1", "ENorm-1.2")
+  header = "| depth | " + " | ".join(methods) + " |"
+  for path, decimals in ((root / "README.md", 1), (results / "README.md", 2)):
+    rows = _markdown_rows(path.read_text(), header)
+    assert rows, f"{path}: no FC table"
+    for row in rows:
+      depth = int(row[0])
+      for method, cell in zip(methods, row[1:]):
+        s = summary[(method, depth)]
+        expected = f"{100 * s['val_acc']:.{decimals}f}"
+        if s["std"] is not None:
+          expected += f" ± {100 * s['std']:.{decimals}f}"
+        assert cell.split(" (")[0] == expected, (path.name, method, depth, cell)
+      if len(row) > len(methods) + 1:  # the seeds column: "0-2" is three seeds
+        first, last = map(int, row[-1].split("-"))
+        assert {summary[(m, depth)]["seeds"] for m in methods} <= {last - first + 1}, row
