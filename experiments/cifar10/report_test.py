@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 from experiments.cifar10 import report
 
@@ -99,6 +100,9 @@ def test_readme_fc_tables_match_the_committed_results():
         if s["std"] is not None:
           expected += f" ± {100 * s['std']:.{decimals}f}"
         assert cell.split(" (")[0] == expected, (path.name, method, depth, cell)
-      if len(row) > len(methods) + 1:  # the seeds column: "0-2" is three seeds
-        first, last = map(int, row[-1].split("-"))
-        assert {summary[(m, depth)]["seeds"] for m in methods} <= {last - first + 1}, row
+      if len(row) > len(methods) + 1:  # seeds: "0-1" or "0-1 (Baseline 0-2)"
+        ranges = dict.fromkeys(methods, row[-1].split(" ")[0])
+        ranges.update(re.findall(r"([\w.-]+) (\d+-\d+)", row[-1]))
+        for method, seeds in ranges.items():
+          first, last = map(int, seeds.split("-"))
+          assert summary[(method, depth)]["seeds"] == last - first + 1, (path.name, row)
