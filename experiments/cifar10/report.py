@@ -3,7 +3,8 @@ r"""Markdown tables and Figure-4-style plots from the CIFAR-10 result files.
     python -m experiments.cifar10.report --results_dir=experiments/results
 
 Reads ``cifar10_fc.json`` (60-epoch runs), ``cifar10_fc_search.json`` (the
-shortened learning-rate search), the same two with biases (``*_bias.json``) and
+shortened learning-rate search), ``cifar10_fc_rate_check.json`` (60-epoch runs at
+the search's second-best rate), the same first two with biases (``*_bias.json``) and
 ``cifar10_conv.json`` when present, and writes ``<name>.md`` and ``<name>.png``
 next to each.
 """
@@ -209,6 +210,7 @@ def render(d: str) -> None:
   for name, title in (
       ("cifar10_fc", "FC without biases, 60 epochs (paper protocol)"),
       ("cifar10_fc_search", "FC without biases, 5-epoch learning-rate search (shortened)"),
+      ("cifar10_fc_rate_check", "FC without biases, 60 epochs at the search's second-best rate"),
       ("cifar10_fc_bias", "FC with biases, 60 epochs (paper protocol, one seed)"),
       ("cifar10_fc_search_bias", "FC with biases, 10-epoch learning-rate search")):
     path = os.path.join(d, f"{name}.json")

@@ -17,6 +17,8 @@ The FC learning-rate search is SHORTENED: each rate of `SEARCH_LRS` (Path-SGD:
 compressed), and the best validation accuracy per (method, c, depth) picks the
 rate of the 60-epoch runs, which then run with every seed of the block. GN
 searches its group counts: the full grid at depth 3, then a coordinate search.
+Where the search chose a rate the other methods did not (`FC_RATE_CHECKS`), its
+second-best rate also runs 60 epochs, into ``cifar10_fc_rate_check.json``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ PATH_SGD_LRS = (0.005, 0.01, 0.05)
 FC_BLOCKS = (((15, 3), FC_MAIN, fc.SEEDS),
              ((10, 19), FC_MAIN, fc.SEEDS),
              ((1, 5), FC_MAIN, (0,)),
-             ((3, 15), FC_EXTRA, (0,)))
+             ((3, 15), FC_EXTRA, (0,)),
+             ((1,), FC_MAIN, fc.SEEDS))  # depth 1: methods within a seed's spread
+# 60-epoch runs at the search's second-best rate, where the 5-epoch search chose a
+# rate the other methods did not: (depth, (method, c) pairs), every seed.
+FC_RATE_CHECKS = ((1, [("enorm", 1.0), ("enorm", 1.2)]),)
 GN_FULL_GRID_DEPTH = 3
 CONV_METHODS = [("baseline", 1.0), ("bn", 1.0), ("gn", 1.0), ("enorm", 1.0), ("enorm", 1.2)]
 CONV_BATCH_SIZES = (8, 32, 128)
@@ -129,6 +135,22 @@ def fc_cells(stage, results_dir):
             continue  # its search is not finished yet
           cells.append(dict(method=t[0], c=t[1], depth=t[2], lr=best["lr"], epochs=60,
                             gn_groups=best.get("gn_groups"), seed=seed, stage="final"))
+  if stage in ("final", "all"):
+    cells += _rate_check_cells(search)
+  unique = {cell_name(x): x for x in reversed(cells)}  # blocks may share a triple
+  return list(reversed(unique.values()))
+
+
+def _rate_check_cells(search):
+  cells = []
+  for depth, pairs in FC_RATE_CHECKS:
+    for method, c in pairs:
+      runs = sorted((r for r in search if _key3(r) == (method, c, depth)
+                     and r["val_acc"] is not None), key=lambda r: -r["val_acc"])
+      if len(runs) < len(SEARCH_LRS):
+        continue  # its search is not finished yet
+      cells += [dict(method=method, c=c, depth=depth, lr=runs[1]["lr"], epochs=60, seed=s,
+                     stage="rate_check") for s in fc.SEEDS]
   return cells
 
 
@@ -207,8 +229,9 @@ def pending_cells(sweep, results_dir):
     tagged = [(c, "cifar10_conv.json") for c in conv_no_bias_cells()]
   else:
     stage = "all" if sweep == "fc" else sweep.split("_")[1]
-    tagged = [(c, "cifar10_fc.json" if c.pop("stage", None) == "final"
-               else "cifar10_fc_search.json") for c in fc_cells(stage, results_dir)]
+    files = {"final": "cifar10_fc.json", "rate_check": "cifar10_fc_rate_check.json"}
+    tagged = [(c, files.get(c.pop("stage", None), "cifar10_fc_search.json"))
+              for c in fc_cells(stage, results_dir)]
   todo = []
   for cell, name in tagged:
     cell.setdefault("seed", 0)

@@ -59,6 +59,24 @@ def test_final_cells_wait_for_a_complete_search(tmp_path):
   assert any(path.endswith("cifar10_fc.json") for _, path in todo)
 
 
+def test_rate_check_runs_the_second_best_search_rate_of_every_seed(tmp_path):
+  flags.FLAGS(["sweep_test"])
+  depth, pairs = sweep.FC_RATE_CHECKS[0]
+  method, c = pairs[0]
+  search = [x for x in sweep.fc_cells("search", str(tmp_path))
+            if (x["method"], x["c"], x["depth"]) == (method, c, depth)]
+  scores = dict(zip(sweep.SEARCH_LRS, (0.3, 0.5, 0.4)))  # best 2nd rate, runner-up 3rd
+  _write(tmp_path, [_record(x, scores[x["lr"]]) for x in search[:-1]])
+  assert not sweep._rate_check_cells(sweep.sweeps.read_results(
+      str(tmp_path / "cifar10_fc_search.json")))  # search unfinished: nothing to check
+  _write(tmp_path, [_record(x, scores[x["lr"]]) for x in search])
+  todo = [(cell, path) for cell, path in sweep.pending_cells("fc", str(tmp_path))
+          if path.endswith("cifar10_fc_rate_check.json")]
+  assert [(x["method"], x["c"], x["depth"], x["lr"], x["epochs"], x["seed"])
+          for x, _ in todo] == [(method, c, depth, sweep.SEARCH_LRS[2], 60, s)
+                                for s in fc.SEEDS]
+
+
 def test_parallel_workers_skip_claimed_cells(tmp_path, monkeypatch):
   flags.FLAGS(["sweep_test", f"--workdir_root={tmp_path / 'work'}"])
   ran = []
