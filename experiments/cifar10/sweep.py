@@ -145,11 +145,12 @@ def _rate_check_cells(search):
   cells = []
   for depth, pairs in FC_RATE_CHECKS:
     for method, c in pairs:
-      runs = sorted((r for r in search if _key3(r) == (method, c, depth)
-                     and r["val_acc"] is not None), key=lambda r: -r["val_acc"])
-      if len(runs) < len(SEARCH_LRS):
-        continue  # its search is not finished yet
-      cells += [dict(method=method, c=c, depth=depth, lr=runs[1]["lr"], epochs=60, seed=s,
+      runs = [r for r in search if _key3(r) == (method, c, depth)]
+      finished = sorted((r for r in runs if r["val_acc"] is not None),
+                        key=lambda r: -r["val_acc"])
+      if len(runs) < len(SEARCH_LRS) or len(finished) < 2:
+        continue  # its search is not finished, or no second rate trained
+      cells += [dict(method=method, c=c, depth=depth, lr=finished[1]["lr"], epochs=60, seed=s,
                      stage="rate_check") for s in fc.SEEDS]
   return cells
 
