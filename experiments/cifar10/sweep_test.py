@@ -67,8 +67,8 @@ def test_rate_check_runs_the_second_best_search_rate_of_every_seed(tmp_path):
             if (x["method"], x["c"], x["depth"]) == (method, c, depth)]
   scores = dict(zip(sweep.SEARCH_LRS, (0.3, 0.5, 0.4)))  # best 2nd rate, runner-up 3rd
   _write(tmp_path, [_record(x, scores[x["lr"]]) for x in search[:-1]])
-  assert not sweep._rate_check_cells(sweep.sweeps.read_results(
-      str(tmp_path / "cifar10_fc_search.json")))  # search unfinished: nothing to check
+  assert not [x for x in sweep.fc_cells("final", str(tmp_path))  # search unfinished
+              if x["stage"] == "rate_check"]
   _write(tmp_path, [_record(x, scores[x["lr"]]) for x in search])
   todo = [(cell, path) for cell, path in sweep.pending_cells("fc", str(tmp_path))
           if path.endswith("cifar10_fc_rate_check.json")]
