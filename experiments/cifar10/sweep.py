@@ -8,6 +8,7 @@ cells already there (and resumes a half-finished cell from its checkpoint).
     python -m experiments.cifar10.sweep --sweep=fc_final    # only the 60-epoch runs
     python -m experiments.cifar10.sweep --sweep=conv_reduced
     python -m experiments.cifar10.sweep --sweep=conv_no_bias  # bias check, a few cells
+    python -m experiments.cifar10.sweep --sweep=conv_table2   # Table 2, searched, 3 seeds
 
 Several processes may run the same sweep at once (one per core with `taskset`);
 see `experiments.common.sweeps`.
@@ -19,6 +20,11 @@ rate of the 60-epoch runs, which then run with every seed of the block. GN
 searches its group counts: the full grid at depth 3, then a coordinate search.
 Where the search chose a rate the other methods did not (`FC_RATE_CHECKS`), its
 second-best rate also runs 60 epochs, into ``cifar10_fc_rate_check.json``.
+ENorm-Impl searches its regularizer weight with the rate at `IMPL_SEARCH_DEPTHS`.
+
+The Table 2 sweep (`configs/conv_table2.py`) searches each method's rate with
+short runs into ``cifar10_conv_table2_search.json``, then runs every seed at the
+chosen rate into ``cifar10_conv_table2.json``.
 """
 
 from __future__ import annotations
@@ -29,12 +35,12 @@ import time
 from absl import app, flags, logging
 
 from experiments.cifar10 import train
-from experiments.cifar10.configs import conv, conv_reduced, fc
+from experiments.cifar10.configs import conv, conv_reduced, conv_table2, fc
 from experiments.common import sweeps
 from experiments.common.trainer import NonFiniteLossError
 
 _SWEEP = flags.DEFINE_enum("sweep", "fc", ["fc", "fc_search", "fc_final", "conv_reduced",
-                                           "conv_no_bias"],
+                                           "conv_no_bias", "conv_table2"],
                            "Which sweep; 'fc' interleaves search and final runs by block.")
 
 SEARCH_EPOCHS = 5
@@ -49,8 +55,12 @@ PATH_SGD_LRS = (0.005, 0.01, 0.05)
 FC_BLOCKS = (((15, 3), FC_MAIN, fc.SEEDS),
              ((10, 19), FC_MAIN, fc.SEEDS),
              ((1, 5), FC_MAIN, (0,)),
-             ((3, 15), FC_EXTRA, (0,)),
-             ((1,), FC_MAIN, fc.SEEDS))  # depth 1: methods within a seed's spread
+             ((1,), FC_MAIN, fc.SEEDS),  # depth 1: methods within a seed's spread
+             ((3, 15), FC_EXTRA, fc.SEEDS))
+# ENorm-Impl's regularizer weight, searched with the rate at these depths (elsewhere
+# the config's default).
+IMPL_LAMBDAS = (1e-4, 1e-3, 1e-2)
+IMPL_SEARCH_DEPTHS = (15,)
 # 60-epoch runs at the search's second-best rate, where the 5-epoch search chose a
 # rate the other methods did not: (depth, (method, c) pairs), every seed.
 FC_RATE_CHECKS = ((1, [("enorm", 1.0), ("enorm", 1.2)]),)
@@ -66,7 +76,7 @@ CONV_GN_SEARCH = (32, 0.0)  # (batch size, momentum) of the GN group search
 CONV_NO_BIAS_SETTINGS = ((32, 0.0, 0.05), (8, 0.9, 0.05))
 CONV_NO_BIAS_METHODS = [("baseline", 1.0), ("enorm", 1.0), ("enorm", 1.2)]
 KEY_FIELDS = ("method", "c", "depth", "batch_size", "momentum", "lr", "epochs", "seed",
-              "gn_groups", "width_multiplier", "use_bias")
+              "gn_groups", "width_multiplier", "use_bias", "impl_lambda")
 
 
 def cell_key(record) -> tuple:
@@ -93,6 +103,9 @@ def _search_cells(method, c, depth, search):
   def cell(lr, groups=None):
     return dict(method=method, c=c, depth=depth, lr=lr, epochs=SEARCH_EPOCHS,
                 gn_groups=groups)
+  if method == "enorm_impl":
+    lambdas = IMPL_LAMBDAS if depth in IMPL_SEARCH_DEPTHS else (fc.get_config().impl_lambda,)
+    return [dict(cell(lr), impl_lambda=lam) for lam in lambdas for lr in lrs]
   if method != "gn":
     return [cell(lr) for lr in lrs]
   if depth == GN_FULL_GRID_DEPTH:
@@ -134,7 +147,8 @@ def fc_cells(stage, results_dir):
           if best is None or any(_search_key(x) not in done for x in block_search[t]):
             continue  # its search is not finished yet
           cells.append(dict(method=t[0], c=t[1], depth=t[2], lr=best["lr"], epochs=60,
-                            gn_groups=best.get("gn_groups"), seed=seed, stage="final"))
+                            gn_groups=best.get("gn_groups"), seed=seed, stage="final",
+                            impl_lambda=best.get("impl_lambda")))
   if stage in ("final", "all"):
     cells += _rate_check_cells(search)
   unique = {cell_name(x): x for x in reversed(cells)}  # blocks may share a triple
@@ -201,8 +215,33 @@ def conv_no_bias_cells():
           for b, mo, lr in CONV_NO_BIAS_SETTINGS for m, c in CONV_NO_BIAS_METHODS]
 
 
+def conv_table2_cells(results_dir):
+  """Table 2's cells in order: each method's rate search, then each seed's runs
+  (seed 0 of every method first) at the rate its search chose."""
+  config = conv_table2.get_config()
+
+  def cell(method, c, lr, epochs, seed, stage):
+    return dict(method=method, c=c, batch_size=config.batch_size, momentum=config.momentum,
+                lr=lr, epochs=epochs, seed=seed, width_multiplier=config.width_multiplier,
+                gn_groups=config.gn_groups if method == "gn" else None, stage=stage)
+  search = sweeps.read_results(os.path.join(results_dir, "cifar10_conv_table2_search.json"))
+  cells = [cell(m, c, lr, conv_table2.SEARCH_EPOCHS, 0, "search")
+           for m, c in conv_table2.METHODS for lr in conv_table2.LEARNING_RATES]
+  for seed in conv_table2.SEEDS:
+    for m, c in conv_table2.METHODS:
+      runs = [r for r in search if (r["method"], r["c"]) == (m, c)]
+      best = _best(runs)
+      if len(runs) == len(conv_table2.LEARNING_RATES) and best is not None:
+        cells.append(cell(m, c, best["lr"], config.num_epochs, seed, "final"))
+  return cells
+
+
+_CONFIGS = {"conv_reduced": conv_reduced, "conv_no_bias": conv_reduced,
+            "conv_table2": conv_table2}
+
+
 def make_config(sweep, cell, data_dir):
-  config = (fc if sweep.startswith("fc") else conv_reduced).get_config()
+  config = _CONFIGS.get(sweep, fc).get_config()
   config.data_dir = data_dir
   config.method, config.c = cell["method"], cell["c"]
   config.learning_rate, config.num_epochs = cell["lr"], cell["epochs"]
@@ -217,6 +256,8 @@ def make_config(sweep, cell, data_dir):
     config.gn_groups = cell["gn_groups"]
   if cell.get("use_bias") is not None:
     config.use_bias = cell["use_bias"]
+  if cell.get("impl_lambda") is not None:
+    config.impl_lambda = cell["impl_lambda"]
   if config.method == "path_sgd":
     config.weight_decay = 0.0
   return config
@@ -228,6 +269,9 @@ def pending_cells(sweep, results_dir):
     tagged = [(c, "cifar10_conv.json") for c in conv_cells(results_dir)]
   elif sweep == "conv_no_bias":
     tagged = [(c, "cifar10_conv.json") for c in conv_no_bias_cells()]
+  elif sweep == "conv_table2":
+    files = {"search": "cifar10_conv_table2_search.json", "final": "cifar10_conv_table2.json"}
+    tagged = [(c, files[c.pop("stage")]) for c in conv_table2_cells(results_dir)]
   else:
     stage = "all" if sweep == "fc" else sweep.split("_")[1]
     files = {"final": "cifar10_fc.json", "rate_check": "cifar10_fc_rate_check.json"}
@@ -248,7 +292,8 @@ def make_record(sweep, cell):
   return dict(method=cell["method"], c=cell["c"], depth=cell.get("depth"),
               batch_size=config.batch_size, momentum=config.momentum, lr=cell["lr"],
               epochs=cell["epochs"], seed=cell["seed"], gn_groups=cell.get("gn_groups"),
-              width_multiplier=cell.get("width_multiplier"), use_bias=config.use_bias)
+              width_multiplier=cell.get("width_multiplier"), use_bias=config.use_bias,
+              impl_lambda=cell.get("impl_lambda"))
 
 
 def cell_workdir(sweep, cell, results):

@@ -5,7 +5,7 @@ import json
 from absl import flags
 
 from experiments.cifar10 import sweep
-from experiments.cifar10.configs import conv, fc
+from experiments.cifar10.configs import conv, conv_table2, fc
 from experiments.common import sweeps
 
 
@@ -133,3 +133,51 @@ def test_conv_no_bias_cells_train_without_biases(tmp_path):
   assert sweep.conv_cells(str(tmp_path))[0]["method"] == "baseline"
   assert sweep.make_record("conv_reduced", dict(sweep.conv_cells(str(tmp_path))[0], seed=0))[
       "use_bias"] is True
+
+
+def test_enorm_impl_searches_its_weight_with_the_rate_and_runs_finals_at_the_pair(tmp_path):
+  flags.FLAGS(["sweep_test"])
+  depth = sweep.IMPL_SEARCH_DEPTHS[0]
+  search = [x for x in sweep.fc_cells("search", str(tmp_path))
+            if (x["method"], x["depth"]) == ("enorm_impl", depth)]
+  assert {(x["lr"], x["impl_lambda"]) for x in search} == {
+      (lr, lam) for lr in sweep.SEARCH_LRS for lam in sweep.IMPL_LAMBDAS}
+  other = [x for x in sweep.fc_cells("search", str(tmp_path))
+           if x["method"] == "enorm_impl" and x["depth"] not in sweep.IMPL_SEARCH_DEPTHS]
+  assert other and {x["impl_lambda"] for x in other} == {fc.get_config().impl_lambda}
+  best = (0.05, 1e-2)
+  records = [_record(x, 0.5 if (x["lr"], x["impl_lambda"]) == best else 0.3) for x in search]
+  _write(tmp_path, records[:-1])
+  assert not [x for x in sweep.fc_cells("final", str(tmp_path))
+              if (x["method"], x["depth"]) == ("enorm_impl", depth)]
+  _write(tmp_path, records)
+  finals = [x for x in sweep.fc_cells("final", str(tmp_path))
+            if (x["method"], x["depth"]) == ("enorm_impl", depth)]
+  assert [(x["lr"], x["impl_lambda"], x["seed"]) for x in finals] == [
+      (*best, s) for s in fc.SEEDS]
+  config = sweep.make_config("fc", finals[0], "")
+  assert (config.learning_rate, config.impl_lambda) == best
+  # Runs at two weights are two cells, also in the results' keys.
+  keys = {sweep.cell_key(sweep.make_record("fc", dict(x, seed=0))) for x in search}
+  assert len(keys) == len(search)
+
+
+def test_table2_searches_every_rate_then_runs_every_seed_at_the_best(tmp_path):
+  flags.FLAGS(["sweep_test"])
+  todo = sweep.pending_cells("conv_table2", str(tmp_path))
+  assert len(todo) == len(conv_table2.METHODS) * len(conv_table2.LEARNING_RATES)
+  assert all(p.endswith("cifar10_conv_table2_search.json") for _, p in todo)
+  config = sweep.make_config("conv_table2", todo[0][0], "")
+  assert (config.model, config.batch_size, config.momentum, config.num_epochs) == (
+      "cifar_nv", 32, 0.0, conv_table2.SEARCH_EPOCHS)
+  # Every rate of the Baseline is searched, 0.05 wins: its seeds run at 0.05.
+  search = [dict(sweep.make_record("conv_table2", c), val_acc=0.6 if c["lr"] == 0.05 else 0.5)
+            for c, _ in todo if c["method"] == "baseline"]
+  (tmp_path / "cifar10_conv_table2_search.json").write_text(json.dumps(search[:-1]))
+  assert not any(p.endswith("cifar10_conv_table2.json")
+                 for _, p in sweep.pending_cells("conv_table2", str(tmp_path)))
+  (tmp_path / "cifar10_conv_table2_search.json").write_text(json.dumps(search))
+  finals = [c for c, p in sweep.pending_cells("conv_table2", str(tmp_path))
+            if p.endswith("cifar10_conv_table2.json")]
+  assert [(c["method"], c["lr"], c["seed"], c["epochs"]) for c in finals] == [
+      ("baseline", 0.05, s, conv_table2.get_config().num_epochs) for s in conv_table2.SEEDS]
