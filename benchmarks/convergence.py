@@ -20,14 +20,13 @@ import numpy as np
 
 import enorm_jax
 from benchmarks import _common
-from enorm_jax import paths as tree_paths
 from experiments.appendix_a import unbalanced_network
 from enorm_jax.models import ResNet18C
 
 
 def float64_energy(params, graph) -> float:
   paths = {r.path for g in graph for r in g.producers + g.consumers}
-  leaves = tree_paths.leaves_by_path(params)
+  leaves = enorm_jax.leaves_by_path(params)
   return float(sum(np.sum(np.asarray(leaves[p], np.float64) ** 2) for p in paths))
 
 

@@ -67,8 +67,7 @@ import jax.numpy as jnp
 
 import enorm_jax
 from benchmarks import _common
-from enorm_jax.paths import leaves_by_path, map_with_path_str
-from enorm_jax.models import ResNet50
+from benchmarks.resnet50 import ResNet50
 
 
 # Factors are 1 + _NUDGE * (sums of the reads): 1.0 in value, but XLA cannot
@@ -146,7 +145,8 @@ def read_then_write(params):
   return jax.tree.map(lambda w: w * scale.astype(w.dtype), params)
 
 
-def _paths(graph, role):
+def role_paths(graph, role: str) -> set[str]:
+  """The paths of every entry in ``role`` (a `Group` field) of any group."""
   return {e.path for g in graph.groups for e in getattr(g, role)}
 
 
@@ -167,9 +167,9 @@ def read_twice_then_write(params, graph, per_unit: bool = False):
   takes both), by plain multiplication (no correctly rounded division).
   Otherwise every weight is multiplied by one scalar.
   """
-  producers, consumers = _paths(graph, "producers"), _paths(graph, "consumers")
+  producers, consumers = role_paths(graph, "producers"), role_paths(graph, "consumers")
   twice = producers & consumers
-  leaves = leaves_by_path(params)
+  leaves = enorm_jax.leaves_by_path(params)
   first = sum(_fast_read(w) for w in leaves.values())
   second = 0.0
   for path, w in leaves.items():
@@ -191,7 +191,8 @@ def read_twice_then_write(params, graph, per_unit: bool = False):
       w = w * unit_factors(w.shape[-2], w.dtype)[:, None]
     return w
 
-  return map_with_path_str(write, params)
+  paths = iter(enorm_jax.leaves_by_path(params))
+  return jax.tree.map(lambda w: write(next(paths), w), params)
 
 
 def _read_only(fn, params):

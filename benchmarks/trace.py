@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 import enorm_jax
 from benchmarks import _common
-from enorm_jax.models import ResNet18C, ResNet50
+from benchmarks.resnet50 import ResNet50
+from enorm_jax.models import ResNet18C
 
 
 def main():

@@ -1,33 +1,24 @@
-"""enorm_jax: Equi-normalization (ENorm) for JAX, Flax and optax."""
+"""enorm_jax: Equi-normalization (ENorm) for JAX, Flax and optax.
 
-from enorm_jax.balance import (
-    FIRST_MOMENT,
-    PARAM_COPY,
-    SECOND_MOMENT,
-    balance,
-    energy,
-    rescale,
-)
-from enorm_jax.baselines import (
-    implicit_energy,
-    init_log_scales,
-    path_norm_scaling,
-    path_sgd,
-    scale_by_path_norm,
-)
-from enorm_jax.check import CheckReport, check_graph
+* `balance`, `energy`, `rescale`: exact ENorm on a params pytree, jit-able.
+* `enorm`: the optax wrapper that balances after every optimizer step.
+* `RescalingGraph`, `Group`, `Entry`: the rescaling symmetry of a network;
+  `chain_graph` builds a chain's, `trace_graph` traces any function's and
+  `check_graph` proves one numerically.
+* `enorm_jax.models`: the paper's networks; `enorm_jax.contrib`: Path-SGD and
+  implicit ENorm; `enorm_jax.tracing`: the tracer's extension API.
+"""
+
+from enorm_jax import contrib, tracing
+from enorm_jax.balance import FIRST_MOMENT, PARAM_COPY, SECOND_MOMENT, balance, energy, rescale
 from enorm_jax.chain import chain_graph
-from enorm_jax.graph import Entry, Group, RescalingGraph
-from enorm_jax.trace import TraceReport, explain_graph, trace_graph
-from enorm_jax.trace_core import ParamView, Scaled, Tracer, TraceStop, register_rule
-from enorm_jax.transform import (
-    DEFAULT_STATE_ROLES,
-    EnormState,
-    enorm,
-    rescale_optimizer_state,
-)
+from enorm_jax.check import CheckReport, check_graph
+from enorm_jax.graph import Entry, Group, RescalingGraph, leaves_by_path
+from enorm_jax.optimizer_state import DEFAULT_STATE_ROLES, rescale_optimizer_state
+from enorm_jax.tracing import TraceReport, explain_graph, register_rule, trace_graph
+from enorm_jax.transform import EnormState, enorm
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DEFAULT_STATE_ROLES",
@@ -39,24 +30,18 @@ __all__ = [
     "Entry",
     "Group",
     "RescalingGraph",
-    "ParamView",
-    "Scaled",
     "TraceReport",
-    "TraceStop",
-    "Tracer",
     "balance",
     "chain_graph",
     "check_graph",
+    "contrib",
     "energy",
-    "explain_graph",
     "enorm",
-    "implicit_energy",
-    "init_log_scales",
-    "path_norm_scaling",
-    "path_sgd",
+    "explain_graph",
+    "leaves_by_path",
     "register_rule",
     "rescale",
     "rescale_optimizer_state",
-    "scale_by_path_norm",
     "trace_graph",
+    "tracing",
 ]

@@ -12,6 +12,7 @@ and entries at trace time, never over units.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -21,20 +22,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from enorm_jax import paths as tree_paths
+from enorm_jax import _norms, _paths
+from enorm_jax._plan import Plan, Scales, abs_pow, unit_reduce
 from enorm_jax.graph import RescalingGraph, require_graph
-from enorm_jax.resolved import ResolvedEntry
-from enorm_jax.plan import (MAX_SLICES, Plan, Scales, abs_pow, expand, flatten_with_paths, sum_leading,
-                            to_units, unit_reduce)
 
-# Unit sums of |w|^p inside this range are trusted; outside it (underflow,
-# overflow, zeros, non-finite) the group's norms are recomputed in log space.
-_SAFE_MIN = 1e-30
-_SAFE_MAX = 1e30
 _SCHEDULES = ("sequential", "parallel")
-# A leaf's |w|^p is summed once per call over its leading axes that no entry
-# touches, when that shrinks it at least this much (e.g. the taps of a conv).
-_MIN_STAT_REDUCTION = 2
 
 
 def check_hyperparams(p=2.0, c=1.0, cycles=1, schedule="sequential") -> None:
@@ -55,101 +47,6 @@ def check_hyperparams(p=2.0, c=1.0, cycles=1, schedule="sequential") -> None:
     raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}.")
 
 
-def _log_unit_sums(plan: Plan, current, entries, size: int, p) -> jax.Array:
-  """log(sum |w|^p) per unit, safe from underflow and overflow (max-rescaled)."""
-  total = None
-  for r in entries:
-    a = jnp.abs(current(r.path).reshape(r.view))
-    m = unit_reduce(a, r, size, op=jnp.max)
-    safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
-    s = unit_reduce(abs_pow(a / expand(safe, r, size), p), r, size)
-    log_sum = jnp.where(m > 0, p * jnp.log(safe) + jnp.log(s), -jnp.inf)
-    log_sum = jnp.where(jnp.isfinite(m), log_sum, jnp.where(jnp.isnan(m), jnp.nan, jnp.inf))
-    total = log_sum if total is None else jnp.logaddexp(total, log_sum)
-  return total
-
-
-def _leaf_stats(plan: Plan, work: dict, p, dense: bool) -> dict[str, jax.Array]:
-  """Per-leaf sums of |w|^p over the axes no entry touches (keepdims, view shape).
-
-  Norms under any scales only need these: a leaf's entries multiply along their
-  own axes, so the untouched axes can be summed once, before the cycles. Only
-  leading untouched axes with at most `MAX_SLICES` elements are summed (e.g.
-  the spatial taps of an HWIO conv kernel). With ``dense`` (for more than one
-  cycle), kernels with nothing to sum get |w|^p itself, so that every cycle
-  contracts it by matrix-vector products; otherwise they are reduced directly,
-  which is cheaper for a single cycle.
-  """
-  stats = {}
-  for path, entries in plan.by_leaf.items():
-    views = {r.view for _, r, _ in entries}
-    if len(views) != 1:
-      continue
-    view = views.pop()
-    touched = {a for _, r, _ in entries for a in r.axes}
-    count = min(touched, default=0)
-    taps = math.prod(view[:count])
-    if taps > MAX_SLICES:
-      continue
-    if count and taps >= _MIN_STAT_REDUCTION:
-      stats[path] = sum_leading(abs_pow(work[path].reshape(view), p), count)
-    elif dense and len(view) >= 2:
-      stats[path] = abs_pow(work[path].reshape(view), p)
-  return stats
-
-
-def _weighted_unit_sums(plan: Plan, r: ResolvedEntry, stat: jax.Array, t: Scales, p,
-                        size: int) -> jax.Array:
-  """Unit sums of ``stat`` (sums of |w|^p) for entry ``r`` under the current scales.
-
-  Each entry of the leaf weights ``stat`` by its factors^p (multiplying) or
-  ^-p (dividing). Factors along ``r``'s own axes are applied after the sum and
-  factors along disjoint axes are contracted with ``stat`` in one dot_general
-  (a matrix-vector product for a kernel), which XLA:CPU runs faster than a
-  multiply followed by a reduction.
-  """
-  weights = []
-  for gi, e, sign in plan.by_leaf[r.path]:
-    m = expand(t[gi], e, plan.groups[gi].size)
-    m = m * m if isinstance(p, numbers.Real) and p == 2 else m ** p
-    weights.append((e, m if sign > 0 else 1.0 / m))
-  if any(set(e.axes) & set(r.axes) and set(e.axes) != set(r.axes) for e, _ in weights):
-    for _, m in weights:  # partly overlapping axes: weight elementwise, then reduce
-      stat = stat * m
-    return unit_reduce(stat, r, size)
-  operands, post = [stat, list(range(stat.ndim))], 1.0
-  for e, m in weights:
-    if set(e.axes) == set(r.axes):
-      post = post * m
-    else:
-      operands += [m.reshape([e.view[a] for a in sorted(e.axes)]), sorted(e.axes)]
-  s = jnp.einsum(*operands, sorted(r.axes), precision=lax.Precision.HIGHEST,
-                 preferred_element_type=jnp.float32)
-  return to_units(s * jnp.reshape(post, s.shape), r, size)  # r itself is in weights
-
-
-def _group_sums(plan: Plan, gi: int, work: dict, stats: dict, t: Scales, p,
-                include_biases: bool) -> tuple[jax.Array, jax.Array]:
-  """Per-unit sums of |w|^p over group ``gi``'s incoming and outgoing weights."""
-  g = plan.groups[gi]
-
-  def unit_sums(r):
-    if r.path in stats:
-      return _weighted_unit_sums(plan, r, stats[r.path], t, p, g.size)
-    current = plan.scale(r.path, work[r.path], t, exact=False)
-    return unit_reduce(abs_pow(current.reshape(r.view), p), r, g.size)
-
-  incoming, outgoing = _norm_entries(g, include_biases)
-  return sum(unit_sums(r) for r in incoming), sum(unit_sums(r) for r in outgoing)
-
-
-def _norm_entries(g, include_biases: bool):
-  """The entries of ``L`` (incoming) and ``R`` (outgoing) of resolved group ``g``."""
-  if include_biases:
-    return g.producers + g.biases, g.consumers + g.consumer_biases
-  return g.producers, g.consumers
-
-
 def _factor(log_in: jax.Array, log_out: jax.Array, p, c) -> jax.Array:
   """d = sqrt(R / L) / sqrt(c) from log L^p and log R^p (1 where not finite)."""
   log_d = 0.5 * (log_out - log_in) / p - 0.5 * jnp.log(jnp.asarray(c, jnp.float32))
@@ -157,32 +54,76 @@ def _factor(log_in: jax.Array, log_out: jax.Array, p, c) -> jax.Array:
   return jnp.where(jnp.isfinite(d) & (d > 0), d, 1.0)
 
 
-def _trusted(sums: Sequence[jax.Array]) -> jax.Array:
-  s = jnp.concatenate(sums)
-  return jnp.all((s >= _SAFE_MIN) & (s <= _SAFE_MAX))
-
-
 def _updated(t: Scales, factors: dict[int, jax.Array]) -> Scales:
   """``t`` with the groups in ``factors`` multiplied by their new factors."""
   return tuple(t[i] * factors[i] if i in factors else t[i] for i in range(len(t)))
 
 
-def _careful_factor(plan: Plan, gi: int, work: dict, stats: dict, t: Scales, p, c,
-                    include_biases: bool) -> jax.Array:
-  """Group ``gi``'s factor, with its norms in log space if their sums are unsafe."""
-  g = plan.groups[gi]
-  s_in, s_out = _group_sums(plan, gi, work, stats, t, p, include_biases)
+@dataclasses.dataclass(frozen=True)
+class _Cycle:
+  """One ENorm cycle over fixed inputs: ``cycle(t)`` returns the scales after it.
 
-  def current(path):
-    return plan.scale(path, work[path], t, exact=False)
+  ``t`` holds each group's accumulated factors; a parameter's current value is
+  its float32 input in ``work`` times the factors of its entries.
+  """
 
-  incoming, outgoing = _norm_entries(g, include_biases)
-  log_in, log_out = lax.cond(
-      _trusted([s_in, s_out]),
-      lambda: (jnp.log(s_in), jnp.log(s_out)),
-      lambda: (_log_unit_sums(plan, current, incoming, g.size, p),
-               _log_unit_sums(plan, current, outgoing, g.size, p)))
-  return _factor(log_in, log_out, p, c)
+  plan: Plan
+  work: dict[str, jax.Array]  # float32 inputs of the rescaled leaves
+  stats: dict[str, jax.Array]  # per-leaf sums of |w|^p (`_norms.leaf_stats`)
+  phases: tuple[tuple[int, ...], ...]  # groups updated together
+  p: Any
+  c: Any
+  include_biases: bool
+
+  def __call__(self, t: Scales) -> Scales:
+    # All sums in the float32-safe range (the usual case): one check per cycle.
+    # Otherwise the cycle is redone with per-group log-space fallbacks.
+    fast, trusted = self._fast(t)
+    return lax.cond(trusted, lambda: fast, lambda: self._careful(t))
+
+  def _fast(self, t: Scales) -> tuple[Scales, jax.Array]:
+    sums = []
+    for phase in self.phases:
+      factors = {}
+      for gi in phase:
+        s_in, s_out = self._sums(gi, t)
+        factors[gi] = _factor(jnp.log(s_in), jnp.log(s_out), self.p, self.c)
+        sums += [s_in, s_out]
+      t = _updated(t, factors)
+    return t, _norms.trusted(sums)
+
+  def _careful(self, t: Scales) -> Scales:
+    for phase in self.phases:
+      t = _updated(t, {gi: self._careful_factor(gi, t) for gi in phase})
+    return t
+
+  def _sums(self, gi: int, t: Scales) -> tuple[jax.Array, jax.Array]:
+    """Per-unit sums of |w|^p over group ``gi``'s incoming and outgoing weights."""
+    size = self.plan.groups[gi].size
+
+    def unit_sums(r):
+      if r.path in self.stats:
+        return _norms.weighted_unit_sums(self.plan, r, self.stats[r.path], t, self.p, size)
+      return unit_reduce(abs_pow(self._current(r.path, t).reshape(r.view), self.p), r, size)
+
+    incoming, outgoing = _norms.norm_entries(self.plan.groups[gi], self.include_biases)
+    return sum(unit_sums(r) for r in incoming), sum(unit_sums(r) for r in outgoing)
+
+  def _current(self, path: str, t: Scales) -> jax.Array:
+    return self.plan.scale(path, self.work[path], t, exact=False)
+
+  def _careful_factor(self, gi: int, t: Scales) -> jax.Array:
+    """Group ``gi``'s factor, with its norms in log space if their sums are unsafe."""
+    size = self.plan.groups[gi].size
+    s_in, s_out = self._sums(gi, t)
+    incoming, outgoing = _norms.norm_entries(self.plan.groups[gi], self.include_biases)
+    current = lambda path: self._current(path, t)
+    log_in, log_out = lax.cond(
+        _norms.trusted([s_in, s_out]),
+        lambda: (jnp.log(s_in), jnp.log(s_out)),
+        lambda: (_norms.log_unit_sums(current, incoming, size, self.p),
+                 _norms.log_unit_sums(current, outgoing, size, self.p)))
+    return _factor(log_in, log_out, self.p, self.c)
 
 
 def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.0,
@@ -238,45 +179,17 @@ def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.
     <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, Algorithm 1 and eq. (5).
   """
   check_hyperparams(p, c, cycles, schedule)
-  paths, leaves, treedef = flatten_with_paths(params)
-  by_path = dict(zip(paths, leaves))
-  plan = Plan.build(graph, by_path)
-  work = {path: jnp.asarray(by_path[path]).astype(jnp.float32) for path in plan.by_leaf}
-  if schedule == "parallel":
-    phases = graph.phases
-  else:
-    phases = tuple((i,) for i in range(len(plan.groups)))
-
+  paths, leaves, treedef = _paths.flatten_with_paths(params)
+  plan = Plan.build(graph, dict(zip(paths, leaves)))
+  work = {path: jnp.asarray(leaf).astype(jnp.float32)
+          for path, leaf in zip(paths, leaves) if path in plan.by_leaf}
   single_cycle = isinstance(cycles, int) and cycles == 1
-  stats = _leaf_stats(plan, work, p, dense=not single_cycle)
-
-  def fast_cycle(t: Scales) -> tuple[Scales, jax.Array]:
-    sums = []
-    for phase in phases:
-      factors = {}
-      for gi in phase:
-        s_in, s_out = _group_sums(plan, gi, work, stats, t, p, include_biases)
-        factors[gi] = _factor(jnp.log(s_in), jnp.log(s_out), p, c)
-        sums += [s_in, s_out]
-      t = _updated(t, factors)
-    return t, _trusted(sums)
-
-  def careful_cycle(t: Scales) -> Scales:
-    for phase in phases:
-      factors = {gi: _careful_factor(plan, gi, work, stats, t, p, c, include_biases)
-                 for gi in phase}
-      t = _updated(t, factors)
-    return t
-
-  def one_cycle(t: Scales) -> Scales:
-    # All sums in the float32-safe range (the usual case): one check per cycle.
-    # Otherwise the cycle is redone with per-group log-space fallbacks.
-    fast, trusted = fast_cycle(t)
-    return lax.cond(trusted, lambda: fast, lambda: careful_cycle(t))
-
+  phases = (graph.phases if schedule == "parallel"
+            else tuple((i,) for i in range(len(plan.groups))))
+  cycle = _Cycle(plan, work, _norms.leaf_stats(plan, work, p, dense=not single_cycle), phases,
+                 p, c, include_biases)
   t0 = tuple(jnp.ones((g.size,), jnp.float32) for g in plan.groups)
-  scales = one_cycle(t0) if single_cycle else lax.fori_loop(
-      0, cycles, lambda _, t: one_cycle(t), t0)
+  scales = cycle(t0) if single_cycle else lax.fori_loop(0, cycles, lambda _, t: cycle(t), t0)
   new_leaves = [
       plan.scale(path, work[path], scales).astype(leaf.dtype) if path in work else leaf
       for path, leaf in zip(paths, leaves)]
@@ -333,7 +246,7 @@ def rescale_tree(tree, scales, graph, *, power=1, signs=(1, -1), exact=True):
   dividing the fast way (for differentiated uses)."""
   if not isinstance(power, numbers.Integral):
     raise TypeError(f"power must be an int, got {power!r}.")
-  paths, leaves, treedef = flatten_with_paths(tree)
+  paths, leaves, treedef = _paths.flatten_with_paths(tree)
   plan = Plan.build(graph, dict(zip(paths, leaves)))
   t = plan.check_scales(scales)
   new_leaves = [
@@ -384,9 +297,9 @@ def energy(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.0
     <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, eq. (6).
   """
   check_hyperparams(p, c)
-  by_path = tree_paths.leaves_by_path(params)
+  by_path = _paths.leaves_by_path(params)
   groups = require_graph(graph).resolve(by_path)
-  counted = {r.path for g in groups for r in sum(_norm_entries(g, include_biases), ())}
+  counted = {r.path for g in groups for r in sum(_norms.norm_entries(g, include_biases), ())}
   plain = isinstance(c, numbers.Real) and c == 1
   heights = None if plain else graph.heights
   if not plain and heights is None:

@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from enorm_jax import paths as tree_paths
+from enorm_jax import _paths
 from enorm_jax.graph import Entry, Group, RescalingGraph
 
 
 def _module_params(params: Any, layer: str) -> tuple[str, str | None, tuple[int, ...]]:
-  leaves = tree_paths.leaves_by_path(params)
+  leaves = _paths.leaves_by_path(params)
   kernel, bias = f"{layer}/kernel", f"{layer}/bias"
   if kernel not in leaves:
     raise ValueError(
         f"chain_graph: layer {layer!r} has no parameter {kernel!r}. Layers are module "
-        f"paths whose kernels are in params; available: {tree_paths.describe_paths(leaves)}.")
+        f"paths whose kernels are in params; available: {_paths.describe_paths(leaves)}.")
   return kernel, (bias if bias in leaves else None), tuple(leaves[kernel].shape)
 
 

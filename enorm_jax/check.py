@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from enorm_jax import paths as tree_paths
+from enorm_jax import _paths
 from enorm_jax.balance import rescale, rescale_tree
 from enorm_jax.graph import RescalingGraph, require_graph
 
@@ -39,12 +39,12 @@ def _with_random_biases(params, graph, key):
   """Makes biases non-zero so they are tested: every bias and carried leaf of the
   graph, and every all-zero float leaf (biases are usually initialised to 0, and
   a bias the graph forgot must show up too)."""
-  leaves = tree_paths.leaves_by_path(params)
+  leaves = _paths.leaves_by_path(params)
   targets = {e.path for g in graph for e in g.biases + g.consumer_biases + g.carried}
   targets |= {p for p, v in leaves.items() if jnp.issubdtype(jnp.result_type(v), jnp.floating)
               and np.size(v) and not np.any(np.asarray(v))}
   keys = dict(zip(sorted(targets), jax.random.split(key, max(len(targets), 1))))
-  return tree_paths.map_with_path_str(
+  return _paths.map_with_path_str(
       lambda p, v: v + 0.1 * jax.random.normal(keys[p], v.shape, v.dtype)
       if p in targets else v, params), leaves
 

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from enorm_jax import paths as tree_paths
-from enorm_jax.resolved import (ResolvedEntry, ResolvedGroup, Sides, format_ranges,
-                                resolve_group, uncovered)
+from enorm_jax import _paths, _resolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,29 +75,9 @@ class Entry:
   def axes(self) -> tuple[int, ...]:
     return self.axis if isinstance(self.axis, tuple) else (self.axis,)
 
-  def resolved(self, shape: Sequence[int]) -> ResolvedEntry:
-    """Checks this entry against a parameter shape and normalizes its axes."""
-    shape = tuple(shape)
-    view = self.view if self.view is not None else shape
-    if math.prod(view) != math.prod(shape):
-      raise ValueError(
-          f"Parameter {self.path!r} has shape {shape} ({math.prod(shape)} elements) "
-          f"but the graph views it as {view} ({math.prod(view)} elements). Fix the "
-          "entry's `view` so that it is a reshape of the parameter.")
-    axes = []
-    for a in self.axes:
-      if not -len(view) <= a < len(view):
-        raise ValueError(
-            f"Parameter {self.path!r}: axis {a} is out of range for shape {view}. "
-            "Fix the entry's `axis`.")
-      axes.append(a % len(view))
-    if len(set(axes)) != len(axes):
-      raise ValueError(f"Parameter {self.path!r}: repeated axis in {self.axis!r}.")
-    return ResolvedEntry(self.path, shape, view, tuple(axes), self.offset)
-
 
 @dataclasses.dataclass(frozen=True)
-class Group(Sides):
+class Group:
   """A set of ``size`` hidden units that are rescaled together.
 
   Attributes:
@@ -167,6 +144,16 @@ class Group(Sides):
       return f"<outputs of {producers[0].path}>"
     return "<unnamed>"
 
+  @property
+  def multiplied(self) -> tuple[Entry, ...]:
+    """Entries multiplied by ``d``: producers, their biases and carried values."""
+    return self.producers + self.biases + self.carried
+
+  @property
+  def divided(self) -> tuple[Entry, ...]:
+    """Entries divided by ``d``: consumers and their biases."""
+    return self.consumers + self.consumer_biases
+
   def scaled_paths(self) -> tuple[str, ...]:
     """Every parameter path this group rescales."""
     return tuple(e.path for e in self.multiplied + self.divided)
@@ -203,28 +190,49 @@ class RescalingGraph:
     """Every parameter path the graph rescales."""
     return frozenset(p for g in self.groups for p in g.scaled_paths())
 
+  def subgraph(self, indices: Sequence[int]) -> RescalingGraph:
+    """The graph of the groups at ``indices`` (in their order).
+
+    Entries on a parameter that a dropped group also rescales are marked
+    ``partial``: the dropped group's positions stay unrescaled on purpose.
+    """
+    indices = tuple(indices)
+    if indices == tuple(range(len(self.groups))):
+      return self
+    dropped = {p for i, g in enumerate(self.groups) if i not in indices
+               for p in g.scaled_paths()}
+
+    def mark(entries):
+      return tuple(dataclasses.replace(e, partial=True) if e.path in dropped else e
+                   for e in entries)
+    return RescalingGraph(tuple(
+        dataclasses.replace(g, producers=mark(g.producers), consumers=mark(g.consumers),
+                            carried=mark(g.carried), biases=mark(g.biases),
+                            consumer_biases=mark(g.consumer_biases))
+        for g in (self.groups[i] for i in indices)))
+
   def validate(self, params: Any) -> None:
     """Raises `ValueError` naming the first entry that does not fit ``params``.
 
     Only shapes and dtypes are read, so this also works on tracers and on
     `jax.ShapeDtypeStruct` trees.
     """
-    self.resolve(tree_paths.leaves_by_path(params))
+    self.resolve(_paths.leaves_by_path(params))
 
-  def resolve(self, leaves: Mapping[str, Any]) -> tuple[ResolvedGroup, ...]:
+  def resolve(self, leaves: Mapping[str, Any]) -> tuple[_resolve.ResolvedGroup, ...]:
     """Resolves every entry against ``leaves`` (path -> array-like).
 
     Raises `ValueError` if an entry does not fit its parameter, if two entries
     claim the same position of a parameter axis, or if the entries on an axis
     leave positions uncovered and none of them is marked ``partial``.
     """
-    resolved = tuple(resolve_group(g, leaves) for g in self.groups)
-    for path, axes, extent, spans, gaps in uncovered(self.groups, resolved):
+    resolved = tuple(_resolve.resolve_group(g, leaves) for g in self.groups)
+    for path, axes, extent, spans, gaps in _resolve.uncovered(self.groups, resolved):
       if not any(partial for _, _, _, partial in spans):
         covered = ", ".join(f"{a}..{b - 1} ({label})" for a, b, label, _ in spans)
         raise ValueError(
             f"Parameter {path!r}, axis {axes[0] if len(axes) == 1 else axes}: the graph "
-            f"covers positions {covered} of {extent}, and leaves {format_ranges(gaps)} "
+            f"covers positions {covered} of {extent}, and leaves {_resolve.format_ranges(gaps)} "
             "uncovered. Every position of a rescaled axis must belong to exactly one "
             "unit. If these params belong to another model (e.g. a wider layer), "
             "rebuild the graph from them; if the slice is deliberate, mark the entry "
@@ -235,8 +243,9 @@ class RescalingGraph:
     """``{(path, axes): [(start, stop), ...]}``: positions of each rescaled parameter
     axis that no entry covers (`resolve` raises for them unless an entry is
     ``partial``)."""
-    resolved = tuple(resolve_group(g, leaves) for g in self.groups)
-    return {(path, axes): gaps for path, axes, _, _, gaps in uncovered(self.groups, resolved)}
+    resolved = tuple(_resolve.resolve_group(g, leaves) for g in self.groups)
+    return {(path, axes): gaps
+            for path, axes, _, _, gaps in _resolve.uncovered(self.groups, resolved)}
 
   @functools.cached_property
   def phases(self) -> tuple[tuple[int, ...], ...]:
@@ -287,6 +296,20 @@ class RescalingGraph:
       if g.carried:
         lines.append(f"      carried:   {fmt(g.carried)}")
     return "\n".join(lines)
+
+
+def leaves_by_path(tree: Any) -> dict[str, Any]:
+  """The leaves of a pytree by the '/'-joined paths that `Entry` uses.
+
+  Dict keys, attribute names and sequence indices are joined with '/'; an
+  ``nnx.Variable``'s trailing ``value`` is dropped.
+
+  Example:
+    >>> import jax.numpy as jnp, enorm_jax
+    >>> sorted(enorm_jax.leaves_by_path({'Dense_0': {'kernel': jnp.ones((2, 3))}}))
+    ['Dense_0/kernel']
+  """
+  return _paths.leaves_by_path(tree)
 
 
 def require_graph(graph: Any, argument: str = "graph") -> RescalingGraph:

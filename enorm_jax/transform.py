@@ -1,5 +1,8 @@
 """`enorm`: an optax wrapper that balances the params after every inner step."""
 
+from __future__ import annotations
+
+import dataclasses
 import numbers
 import warnings
 from collections.abc import Collection, Mapping
@@ -10,211 +13,60 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from enorm_jax import outermost
-from enorm_jax import paths as tree_paths
-from enorm_jax.balance import FIRST_MOMENT, PARAM_COPY, SECOND_MOMENT, balance, check_hyperparams
+from enorm_jax import _frozen, _outermost, _paths
+from enorm_jax._plan import Plan
+from enorm_jax.balance import balance, check_hyperparams
 from enorm_jax.graph import RescalingGraph, require_graph
-from enorm_jax.plan import Plan, Scales
-
-# The power (`FIRST_MOMENT`, `SECOND_MOMENT`, `PARAM_COPY`) of each params-shaped
-# state field, keyed by the name of the field that holds the tree.
-DEFAULT_STATE_ROLES: Mapping[str, int] = {
-    # gradients and first moments: g -> g / s
-    "trace": FIRST_MOMENT,      # optax.trace / sgd(momentum=...)
-    "mu": FIRST_MOMENT,         # adam, adamw, lion, sophia, adopt, ...
-    "acc_grads": FIRST_MOMENT,  # optax.MultiSteps
-    "ema": FIRST_MOMENT,        # optax.ema (an average of updates)
-    "grad_acc": FIRST_MOMENT,
-    "momentum": FIRST_MOMENT,
-    "exp_avg": FIRST_MOMENT,    # contrib: prodigy, dadapt_adamw, momo
-    "grad_sum": FIRST_MOMENT,   # contrib: prodigy (EMA of step-weighted gradients)
-    "m1": FIRST_MOMENT,         # contrib: ademamix (fast EMA)
-    "m2": FIRST_MOMENT,         # contrib: ademamix (slow EMA)
-    "m": FIRST_MOMENT,          # contrib: simplified_ademamix
-    "s": FIRST_MOMENT,          # contrib: madgrad (weighted sum of gradients)
-    # second moments: g**2 -> g**2 / s**2
-    "nu": SECOND_MOMENT,             # adam, rmsprop, adabelief; sophia's Hessian EMA
-    "sum_of_squares": SECOND_MOMENT,  # adagrad
-    "nu_max": SECOND_MOMENT,         # amsgrad
-    "exp_avg_sq": SECOND_MOMENT,     # contrib: prodigy, dadapt_adamw, momo
-    "grad_sum_sq": SECOND_MOMENT,    # contrib: madgrad
-    "n": SECOND_MOMENT,              # contrib: simplified_ademamix
-    "v": SECOND_MOMENT,              # adafactor's unfactored moments (factored=False)
-    # parameter copies: w -> w * s
-    "slow": PARAM_COPY,
-    "slow_params": PARAM_COPY,
-    "ema_params": PARAM_COPY,
-    "z": PARAM_COPY,            # contrib: schedule_free
-    "params0": PARAM_COPY,      # contrib: prodigy (initial point)
-    "init_params": PARAM_COPY,  # contrib: dog, dowg
-    "x0": PARAM_COPY,           # contrib: mechanize, madgrad
-}
-# Adafactor's factored second moments: a row and a column mean of g**2 cannot be
-# rescaled exactly by per-element factors d_out / d_in.
-_FACTORED_FIELDS = ("v_row", "v_col")
-
-
-def _field_names(tree: Any) -> set[str]:
-  """Every NamedTuple field and dict key in ``tree``, leaves or not."""
-  names: set[str] = set()
-  if hasattr(type(tree), "_fields"):
-    names |= set(tree._fields)
-  if isinstance(tree, Mapping):
-    names |= {str(k) for k in tree}
-    values = list(tree.values())
-  elif isinstance(tree, (tuple, list)):
-    values = list(tree)
-  else:
-    values = []
-  for v in values:
-    names |= _field_names(v)
-  return names
-
-
-def _suggested_role(field: str) -> str:
-  """The role a state field's name suggests, for the error message."""
-  lowered = field.lower()
-  if any(k in lowered for k in ("sq", "nu", "second", "hess", "var")):
-    return "SECOND_MOMENT"
-  if any(k in lowered for k in ("param", "init", "slow", "x0", "anchor", "weights")):
-    return "PARAM_COPY"
-  return "FIRST_MOMENT"
-
+from enorm_jax.optimizer_state import (check_fields_exist, check_state_roles,
+                                       rescale_optimizer_state)
 
 BIAS_STEPS = ("balanced", "unbalanced")
 
 
 class EnormState(NamedTuple):
-  """State of `enorm`: a step counter, the inner optimizer's state, with
-  ``bias_steps='unbalanced'`` each group's accumulated unit factors, and with
-  ``check_applied`` a fingerprint of the params the last update made."""
+  """State of `enorm`.
 
-  count: jax.Array  # int32, number of updates so far
-  inner_state: Any  # the inner optimizer's state
-  unit_scales: tuple = ()  # per group, float32 (unit count,)
-  applied: Any = ()  # float32 (checked leaves, 2): [sum, sum of squares] per leaf
-
-
-def _params_key_paths(params: Any) -> set[tuple[str, ...]]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  return {tuple(tree_paths.key_name(k) for k in kp) for kp, _ in flat}
-
-
-def _state_role(key_path: tuple[Any, ...], params_paths, roles: Mapping[str, int]):
-  """(param path, field name, power) of a params-shaped state leaf."""
-  names = tuple(tree_paths.key_name(k) for k in key_path)
-  for start in range(len(names)):
-    if names[start:] in params_paths:
-      param_path = tree_paths.key_path_str(key_path[start:])
-      named = [(k, n) for k, n in zip(key_path[:start], names[:start])
-               if not isinstance(k, jax.tree_util.SequenceKey)]
-      field = named[-1][1] if named else None
-      if field in _FACTORED_FIELDS:
-        return param_path, field, None
-      if field not in roles:
-        raise ValueError(
-            f"enorm cannot tell how to rescale the inner optimizer state field {field!r} "
-            f"(state path {'/'.join(names)}). ENorm changes the params, so every "
-            "params-shaped buffer must be rescaled: pass state_roles={"
-            f"{field!r}: enorm_jax.{_suggested_role(str(field))}}} if that is what it "
-            "holds. The roles: FIRST_MOMENT (gradient-like, divided by s), "
-            "SECOND_MOMENT (squared gradients, divided by s**2), PARAM_COPY "
-            "(parameter values, multiplied by s).")
-      return param_path, field, roles[field]
-  raise ValueError(f"enorm could not match optimizer state leaf {'/'.join(names)} to a "
-                   "parameter path.")
-
-
-def rescale_optimizer_state(inner: optax.GradientTransformation, inner_state: Any,
-                            params: Any, scales: Scales, graph: RescalingGraph,
-                            state_roles: Mapping[str, int] = DEFAULT_STATE_ROLES, *,
-                            unscaled_paths: Collection[str] = ()) -> Any:
-  """Rescales every params-shaped buffer of ``inner_state`` after a rescaling.
-
-  Buffers are found with `optax.tree_utils.tree_map_params` and classified by
-  their field name in ``state_roles`` (first moments divided by s, second
-  moments by s**2, parameter copies multiplied by s). A params-shaped field
-  that is not in ``state_roles`` raises `ValueError`: it is never left
-  unscaled. Buffers of the parameters in ``unscaled_paths`` are left as they
-  are (`enorm` keeps the biases' state in the unbalanced coordinates with
-  ``bias_steps='unbalanced'``).
-
-  Args:
-    inner: the optimizer whose state this is.
-    inner_state: its state.
-    params: the params the scales were applied to (for paths and shapes).
-    scales: one factor array per group, as returned by `balance`.
-    graph: the `RescalingGraph`.
-    state_roles: field name -> power; `DEFAULT_STATE_ROLES` by default.
-    unscaled_paths: parameter paths whose buffers are left as they are.
-
-  Returns:
-    The rescaled state.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
-    >>> import enorm_jax
-    >>> mlp = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
-    >>> params = mlp.init(jax.random.key(0), jnp.ones((1, 3)))['params']
-    >>> graph = enorm_jax.chain_graph(params, ['layers_0', 'layers_2'])
-    >>> tx = optax.adam(1e-3)
-    >>> _, state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
-    >>> balanced, scales = enorm_jax.balance(params, graph, cycles=5)
-    >>> state = enorm_jax.rescale_optimizer_state(tx, state, params, scales, graph)
-    >>> bool(jnp.allclose(state[0].nu['layers_0']['kernel'], 0.001 / scales[0] ** 2))
-    True
-
-  References:
-    Stock et al., `Equi-normalization of Neural Networks
-    <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, eq. (10).
+  Attributes:
+    enorm_count: int32, the number of updates so far.
+    inner_state: the inner optimizer's state.
+    scales: per group of the graph, the float32 factors the last update applied
+      (ones where it did not balance); `rescale` moves a copy of the params
+      (an EMA) into the new coordinates with them.
+    unit_scales: with ``bias_steps='unbalanced'``, each group's accumulated
+      factors since the start of training.
+    applied: with ``check_applied``, a fingerprint of the params the last update
+      made (float32 ``[sum, sum of squares]`` per rescaled leaf).
   """
-  try:
-    is_param = optax.tree_utils.tree_map_params(
-        inner, lambda _: True, inner_state, transform_non_params=lambda _: False)
-  except Exception as e:  # the inner init inspected its placeholder
-    raise ValueError(
-        "enorm could not locate the params-shaped buffers of the inner optimizer's "
-        "state with optax.tree_utils.tree_map_params (its init must not inspect the "
-        f"values or shapes of params). Original error: {e!r}") from e
-  params_paths = _params_key_paths(params)
-  plan = Plan.build(graph, tree_paths.leaves_by_path(params))
-  scales = plan.check_scales(scales)
-  flat_state, treedef = jax.tree_util.tree_flatten_with_path(inner_state)
-  flags = jax.tree_util.tree_leaves(is_param)
-  if len(flags) != len(flat_state):
-    raise ValueError("enorm: the inner optimizer's state does not match its init "
-                     "structure; was it created by the same transformation?")
-  new_leaves = []
-  for (key_path, leaf), flag in zip(flat_state, flags):
-    if not flag:
-      new_leaves.append(leaf)
-      continue
-    param_path, field, power = _state_role(key_path, params_paths, state_roles)
-    if param_path in plan.by_leaf and param_path not in unscaled_paths:
-      shape = tuple(plan.shape_of(param_path))
-      if power is None:  # a factored moment: only the (1,) placeholder of an unfactored one
-        if tuple(leaf.shape) != (1,) or shape == (1,):
-          raise ValueError(
-              f"enorm cannot rescale the factored second moment {field!r} of parameter "
-              f"{param_path!r}: a row and a column mean of g**2 cannot follow per-element "
-              "factors exactly. Use optax.adafactor(..., factored=False), or adam.")
-        new_leaves.append(leaf)
-        continue
-      if tuple(leaf.shape) != shape:
-        raise ValueError(
-            f"enorm: the inner optimizer state field {field!r} holds shape "
-            f"{tuple(leaf.shape)} for parameter {param_path!r} of shape {shape}; only "
-            "buffers with the parameter's shape can be rescaled.")
-      leaf = plan.scale(param_path, leaf.astype(jnp.float32), scales, power).astype(leaf.dtype)
-    new_leaves.append(leaf)
-  return jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+  enorm_count: jax.Array
+  inner_state: Any
+  scales: tuple = ()
+  unit_scales: tuple = ()
+  applied: Any = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """`enorm`'s checked arguments."""
+
+  graph: RescalingGraph
+  p: Any
+  c: Any
+  cycles: int
+  every_k: int
+  include_biases: bool
+  schedule: str
+  bias_paths: tuple[str, ...]  # biases stepped in unbalanced coordinates
+  roles: Mapping[str, int]
+  frozen: frozenset[str] | None  # None: detected from the inner update
+  checked_paths: tuple[str, ...]  # leaves fingerprinted by the outermost check
 
 
 def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: float = 2.0,
           c: float = 1.0, cycles: int = 1, every_k: int = 1, include_biases: bool = False,
           schedule: str = "sequential", bias_steps: str | None = None,
-          state_roles: Mapping[str, int] | None = None, check_applied: bool = True
-          ) -> optax.GradientTransformationExtraArgs:
+          state_roles: Mapping[str, int] | None = None, frozen: Collection[str] | None = None,
+          check_applied: bool = True) -> optax.GradientTransformationExtraArgs:
   """Equi-normalization after every ``every_k`` steps of ``inner`` (Algorithm 2).
 
   Each update applies ``inner``'s update to the params, runs `balance` on the
@@ -230,17 +82,30 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
   ``balanced - params`` and so the network's function: with ``check_applied``
   the next update raises when its params are not the ones the last update made.
 
+  Frozen parameters: a parameter whose inner update is zero whatever its
+  inputs (``optax.set_to_zero()`` through ``multi_transform``, ``optax.freeze``,
+  a ``masked`` zero branch) keeps its values: every group that touches it is
+  left out of the balance, with a warning that names the groups. ``frozen``
+  replaces that detection with an explicit list (``frozen=()``: rescale every
+  parameter, trained or not).
+
+  Copies of the params outside the optimizer state (an EMA, a teacher network)
+  must follow every rescaling to keep computing the same function: the state's
+  ``scales`` holds the factors the last update applied, so
+  ``ema = enorm_jax.rescale(ema, state.scales, graph)`` before averaging.
+
   Biases and ``c != 1``: at the balance point of ``c > 1`` the middle layers of
   a deep net carry tiny activations, and so tiny biases (a bias is rescaled
-  with its unit). An optimizer step of a given size is then huge relative to
-  those biases: at depth 15, ``c = 1.2``, biases overtake the input-driven
-  signal within 40 SGD steps, units die and the loss overflows. With
+  with its unit), and an optimizer step is huge relative to them. With
   ``bias_steps='unbalanced'`` the inner optimizer steps the biases in the
   coordinates of the network as it would be without any balancing: ``enorm``
   keeps each bias's accumulated factor ``S``, gives ``inner`` the gradient
   ``g * S``, the bias ``b / S`` and bias state that is never rescaled, and
   applies ``S`` times its update. Every parameter is still rescaled with its
   unit, so the function is kept exactly; only the biases' steps change.
+
+  Low-precision params (bfloat16, float16) get float32 updates, so that
+  ``optax.apply_updates`` lands on the balanced params, rounded once.
 
   Args:
     inner: the optimizer to wrap, e.g. ``optax.chain(optax.add_decayed_weights(1e-3),
@@ -259,6 +124,8 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     state_roles: field name -> power (``FIRST_MOMENT``, ``SECOND_MOMENT``,
       ``PARAM_COPY``) for params-shaped state fields, merged over
       `DEFAULT_STATE_ROLES`.
+    frozen: ``None`` to detect the parameters ``inner`` never moves and keep
+      them, or the '/'-joined paths of the parameters to keep (no detection).
     check_applied: keep a fingerprint (sum and sum of squares per rescaled
       leaf) of the params each update makes, and raise at the next update if
       the params differ (the outermost rule above). Costs two reductions over
@@ -283,10 +150,45 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
     Stock, Graham, Gribonval and Jégou, `Equi-normalization of Neural Networks
     <https://arxiv.org/abs/1902.10416>`_, ICLR 2019, Algorithm 2 and eq. (10).
   """
+  settings = _check_settings(graph, p, c, cycles, every_k, include_biases, schedule,
+                             bias_steps, state_roles, frozen, check_applied)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    # Placeholder-safe (optax.tree_utils.tree_map_params): only the graph is read.
+    inner_state = inner.init(params)
+    check_fields_exist(state_roles, inner_state)
+    ones = tuple(jnp.ones(g.size, jnp.float32) for g in graph)
+    return EnormState(enorm_count=jnp.zeros([], jnp.int32), inner_state=inner_state,
+                      scales=ones, unit_scales=ones if settings.bias_paths else (),
+                      applied=jnp.zeros((len(settings.checked_paths), 2), jnp.float32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _check_call(state, params)
+    graph.validate(params)  # at trace time: clear errors before anything reads a path
+    checked = _outermost.check_unchanged(state.applied, params, settings.checked_paths,
+                                        active=state.enorm_count > 0)
+    active = _active_groups(settings, inner, updates, state.inner_state, params, extra_args)
+    stepped, inner_state = _inner_step(settings, inner, updates, state, params, extra_args)
+    count = optax.safe_increment(state.enorm_count)
+    new_params, inner_state, scales, unit_scales = _balance_step(
+        settings, inner, active, count, stepped, inner_state, state.unit_scales)
+    return _updates(new_params, params, checked), EnormState(
+        enorm_count=count, inner_state=inner_state, scales=scales, unit_scales=unit_scales,
+        applied=_outermost.fingerprint(new_params, settings.checked_paths))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_settings(graph, p, c, cycles, every_k, include_biases, schedule, bias_steps,
+                    state_roles, frozen, check_applied) -> _Settings:
   check_hyperparams(p, c, cycles, schedule)
   if not isinstance(every_k, numbers.Integral) or every_k < 1:
     raise ValueError(f"every_k must be an int >= 1, got every_k={every_k!r}.")
   require_graph(graph)
+  if isinstance(frozen, str):
+    raise TypeError(f"frozen must be a collection of parameter paths, got the string "
+                    f"{frozen!r}: pass [{frozen!r}].")
   bias_paths = tuple(sorted({e.path for g in graph for e in g.biases + g.consumer_biases}))
   if bias_steps is None:
     if c != 1 and bias_paths:
@@ -295,92 +197,120 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
           "diverge, because biases of tiny-activation layers take huge relative steps. "
           "Pass bias_steps='unbalanced' to step the biases in unbalanced coordinates, or "
           "bias_steps='balanced' to keep Algorithm 2 and silence this warning.",
-          stacklevel=2)
+          stacklevel=3)
     bias_steps = "balanced"
   if bias_steps not in BIAS_STEPS:
     raise ValueError(f"bias_steps must be one of {BIAS_STEPS}, got {bias_steps!r}.")
-  if bias_steps == "balanced":
-    bias_paths = ()
-  for name, power in (state_roles or {}).items():
-    if power not in (FIRST_MOMENT, SECOND_MOMENT, PARAM_COPY) or isinstance(power, bool):
-      raise ValueError(
-          f"state_roles[{name!r}]={power!r} is not a role: use enorm_jax.FIRST_MOMENT (-1, "
-          "gradient-like), SECOND_MOMENT (-2) or PARAM_COPY (+1).")
-  roles = dict(DEFAULT_STATE_ROLES)
-  roles.update(state_roles or {})
-  inner = optax.with_extra_args_support(inner)
-  checked_paths = tuple(sorted(graph.paths)) if check_applied else ()
+  return _Settings(
+      graph=graph, p=p, c=c, cycles=cycles, every_k=every_k, include_biases=include_biases,
+      schedule=schedule, bias_paths=bias_paths if bias_steps == "unbalanced" else (),
+      roles=check_state_roles(state_roles),
+      frozen=None if frozen is None else frozenset(frozen),
+      checked_paths=tuple(sorted(graph.paths)) if check_applied else ())
 
-  def check_roles_match(inner_state):
-    unknown = sorted(set(state_roles or {}) - _field_names(inner_state))
-    if unknown:
-      raise ValueError(
-          f"enorm: state_roles names {unknown}, but the inner optimizer's state has no "
-          f"such field (its fields: {sorted(_field_names(inner_state))}). Check the "
-          "spelling.")
 
-  def init_fn(params):
-    # Placeholder-safe (optax.tree_utils.tree_map_params): only the graph is read.
-    inner_state = inner.init(params)
-    check_roles_match(inner_state)
-    return EnormState(
-        count=jnp.zeros([], jnp.int32), inner_state=inner_state,
-        unit_scales=tuple(jnp.ones(g.size, jnp.float32) for g in graph) if bias_paths else (),
-        applied=jnp.zeros((len(checked_paths), 2), jnp.float32))
+def _check_call(state, params) -> None:
+  if params is None:
+    raise ValueError("enorm needs the current params: call tx.update(grads, state, params).")
+  if not isinstance(state, EnormState):
+    raise TypeError(
+        f"enorm's update got a state of type {type(state).__name__}, not an EnormState. "
+        "A checkpoint restored without a target gives plain dicts and lists: restore the "
+        "optimizer state with the structure of tx.init(params) as its target (orbax: "
+        "ocp.args.StandardRestore(jax.eval_shape(tx.init, params))).")
 
-  def bias_factors(params, unit_scales):
-    """Each bias leaf's accumulated factor S (path -> array of the leaf's shape)."""
-    if not unit_scales:
-      return {}
-    plan = Plan.build(graph, tree_paths.leaves_by_path(params))
-    return {path: plan.scale(path, jnp.ones(plan.shape_of(path), jnp.float32), unit_scales)
-            for path in bias_paths}
 
-  def times(tree, factors, power):
-    """``tree`` with every bias leaf multiplied by its factor**power."""
-    if not factors:
-      return tree
-    return tree_paths.map_with_path_str(
-        lambda path, x: x if path not in factors or x is None
-        else (x * factors[path] ** power).astype(x.dtype), tree)
+def _active_groups(settings, inner, updates, inner_state, params, extra_args
+                   ) -> tuple[int, ...]:
+  """Indices of the groups to balance: those touching no frozen parameter."""
+  frozen = settings.frozen
+  if frozen is None:
+    frozen = _frozen.zero_update_paths(inner, updates, inner_state, params, extra_args)
+  unknown = frozen - set(_paths.leaves_by_path(params))
+  if unknown:
+    raise ValueError(f"enorm(frozen=...) names {_paths.describe_paths(unknown, 4)}, which "
+                     "are not parameter paths. Paths are '/'-joined keys of the params "
+                     "(enorm_jax.leaves_by_path(params) lists them).")
+  active = tuple(i for i, g in enumerate(settings.graph)
+                 if not frozen & set(g.scaled_paths()))
+  if len(active) < len(settings.graph):
+    left_out = [g.label for i, g in enumerate(settings.graph) if i not in active]
+    warnings.warn(
+        f"enorm: {_paths.describe_paths(frozen & settings.graph.paths, 4)} keep their "
+        "values (frozen: their inner updates are always zero, or `frozen` lists them), so "
+        f"the {len(left_out)} groups touching them are left out of the balance: "
+        f"{', '.join(left_out[:6])}{', ...' if len(left_out) > 6 else ''}.", stacklevel=4)
+  return active
 
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError("enorm needs the current params: call "
-                       "tx.update(grads, state, params).")
-    graph.validate(params)  # at trace time: clear errors before anything reads a path
-    checked = outermost.check_unchanged(state.applied, params, checked_paths,
-                                       active=state.count > 0)
-    unit_scales = state.unit_scales
-    factors = bias_factors(params, unit_scales)
-    inner_updates, inner_state = inner.update(
-        times(updates, factors, 1), state.inner_state, times(params, factors, -1),
-        **extra_args)
-    stepped = optax.apply_updates(params, times(inner_updates, factors, 1))
-    count = optax.safe_increment(state.count)
 
-    def balanced(operand):
-      stepped, inner_state, unit_scales = operand
-      new_params, scales = balance(stepped, graph, p=p, c=c, cycles=cycles,
-                                   include_biases=include_biases, schedule=schedule)
-      inner_state = rescale_optimizer_state(inner, inner_state, stepped, scales, graph,
-                                            roles, unscaled_paths=bias_paths)
-      unit_scales = tuple(u * s for u, s in zip(unit_scales, scales))
-      return new_params, inner_state, unit_scales
+def _times(tree, factors, power):
+  """``tree`` with every bias leaf in ``factors`` multiplied by its factor**power."""
+  if not factors:
+    return tree
+  return _paths.map_with_path_str(
+      lambda path, x: x if path not in factors or x is None
+      else (x * factors[path] ** power).astype(x.dtype), tree)
 
-    operand = (stepped, inner_state, unit_scales)
-    if every_k == 1:
-      new_params, inner_state, unit_scales = balanced(operand)
-    else:
-      new_params, inner_state, unit_scales = lax.cond(count % every_k == 0, balanced,
-                                                      lambda x: x, operand)
-    # The updates depend on the check (NaN where it failed; it raises first): so every
-    # read of the old params precedes the in-place write of donated params, with no copy.
-    new_updates = jax.tree.map(lambda new, old: jnp.where(checked, new - old, jnp.nan)
-                               .astype(old.dtype) if hasattr(old, "dtype") else new,
-                               new_params, params)
-    return new_updates, EnormState(count=count, inner_state=inner_state,
-                                   unit_scales=unit_scales,
-                                   applied=outermost.fingerprint(new_params, checked_paths))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+def _inner_step(settings, inner, updates, state, params, extra_args):
+  """The params after one step of ``inner``, and its new state.
+
+  With ``bias_steps='unbalanced'`` the biases are stepped in the coordinates of
+  the never-balanced net: gradient times ``S``, bias divided by ``S``, and the
+  step multiplied by ``S`` again (``S``: the bias's accumulated factor).
+  """
+  factors = {}
+  if settings.bias_paths:
+    plan = Plan.build(settings.graph, _paths.leaves_by_path(params))
+    factors = {path: plan.scale(path, jnp.ones(plan.shape_of(path), jnp.float32),
+                                state.unit_scales) for path in settings.bias_paths}
+  inner_updates, inner_state = inner.update(
+      _times(updates, factors, 1), state.inner_state, _times(params, factors, -1),
+      **extra_args)
+  return optax.apply_updates(params, _times(inner_updates, factors, 1)), inner_state
+
+
+def _balance_step(settings, inner, active, count, stepped, inner_state, unit_scales):
+  """Balances ``stepped`` on the ``active`` groups (every ``every_k`` updates) and
+  rescales the inner state: ``(params, inner state, scales, unit scales)``."""
+  graph = settings.graph.subgraph(active)
+  ones = tuple(jnp.ones(g.size, jnp.float32) for g in settings.graph)
+
+  def balanced(operand):
+    stepped, inner_state, unit_scales = operand
+    new_params, scales = balance(stepped, graph, p=settings.p, c=settings.c,
+                                 cycles=settings.cycles, include_biases=settings.include_biases,
+                                 schedule=settings.schedule)
+    inner_state = rescale_optimizer_state(inner, inner_state, stepped, scales, graph,
+                                          settings.roles, unscaled_paths=settings.bias_paths)
+    all_scales = list(ones)
+    for i, s in zip(active, scales):
+      all_scales[i] = s
+    unit_scales = tuple(u * s for u, s in zip(unit_scales, all_scales))
+    return new_params, inner_state, tuple(all_scales), unit_scales
+
+  operand = (stepped, inner_state, unit_scales)
+  if not active:
+    return stepped, inner_state, ones, unit_scales
+  if settings.every_k == 1:
+    return balanced(operand)
+  return lax.cond(count % settings.every_k == 0, balanced,
+                  lambda x: (*x[:2], ones, x[2]), operand)
+
+
+def _updates(new_params, params, checked):
+  """``new_params - params``: float32 for low-precision leaves, so that
+  ``apply_updates`` lands on ``new_params``; NaN where the outermost check failed.
+
+  The updates depend on the check (it raises first), so every read of the old
+  params precedes the in-place write of donated params, with no copy.
+  """
+  def update(new, old):
+    if not hasattr(old, "dtype"):
+      return new
+    dtype = old.dtype
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+      dtype = jnp.float32
+    diff = new.astype(dtype) - old.astype(dtype)
+    return jnp.where(checked, diff, jnp.nan).astype(dtype)
+  return jax.tree.map(update, new_params, params)

@@ -108,7 +108,7 @@ def test_trace_report_or_swapped_arguments_get_a_type_error():
            lambda g: enorm_jax.rescale(params, scales, g),
            lambda g: enorm_jax.enorm(optax.sgd(0.1), g),
            lambda g: enorm_jax.check_graph(apply, params, g, jnp.ones((2, 4))),
-           lambda g: enorm_jax.init_log_scales(g)]
+           lambda g: enorm_jax.contrib.init_log_scales(g)]
   for call in calls:
     with pytest.raises(TypeError, match="pass report.graph"):
       call(report)

@@ -318,7 +318,12 @@ def test_repeated_single_cycles_do_not_drift_the_function():
 
 
 def test_division_by_scales_is_correctly_rounded():
-  from enorm_jax.plan import divide
+  graph = enorm_jax.RescalingGraph((enorm_jax.Group(
+      66, (enorm_jax.Entry("a", 1),), (enorm_jax.Entry("b", 0),)),))
+
+  def divide(x, t):  # a first moment on a producer is divided by the unit's factor
+    tree = {"a": x, "b": jnp.ones((66, 1), jnp.float32)}
+    return enorm_jax.rescale(tree, [t], graph, power=enorm_jax.FIRST_MOMENT)["a"]
   rng = np.random.default_rng(0)
   # Magnitudes over 2^+-115, so quotients from 2^-100 up to overflow (inf).
   x = (rng.standard_normal((1000, 66))

@@ -33,7 +33,7 @@ def brute_force_kappa(kernels):
 
 def test_path_norm_scaling_matches_path_enumeration():
   params, kernels = bias_free_mlp([3, 4, 3, 2], seed=1)
-  kappa = enorm_jax.path_norm_scaling(apply_mlp, params, jnp.ones((1, 3)))
+  kappa = enorm_jax.contrib.path_norm_scaling(apply_mlp, params, jnp.ones((1, 3)))
   for k, expected in enumerate(brute_force_kappa(kernels)):
     np.testing.assert_allclose(kappa[f"Dense_{k}"]["kernel"], expected, rtol=1e-5)
 
@@ -41,7 +41,7 @@ def test_path_norm_scaling_matches_path_enumeration():
 def test_path_sgd_step_divides_the_gradient_by_kappa():
   params, kernels = bias_free_mlp([3, 4, 3, 2], seed=2)
   grads = jax.tree.map(lambda w: jnp.cos(7 * w), params)
-  tx = enorm_jax.path_sgd(0.1, apply_mlp, jnp.ones((1, 3)))
+  tx = enorm_jax.contrib.path_sgd(0.1, apply_mlp, jnp.ones((1, 3)))
   updates, _ = tx.update(grads, tx.init(params), params)
   for k, kappa in enumerate(brute_force_kappa(kernels)):
     expected = -0.1 * np.asarray(grads[f"Dense_{k}"]["kernel"]) / kappa
@@ -56,7 +56,7 @@ def test_path_sgd_update_is_invariant_to_rescaling():
                  for i, g in enumerate(graph))
   rescaled = enorm_jax.rescale(params, scales, graph)
   x = jax.random.normal(jax.random.key(9), (16, 5))
-  tx = enorm_jax.path_sgd(0.05, apply_mlp, jnp.ones((1, 5)))
+  tx = enorm_jax.contrib.path_sgd(0.05, apply_mlp, jnp.ones((1, 5)))
 
   def step(p):
     grads = jax.grad(lambda p: jnp.sum(apply_mlp(p, x) ** 2))(p)
@@ -70,11 +70,11 @@ def test_path_sgd_update_is_invariant_to_rescaling():
 def test_implicit_energy_value_and_hand_derived_gradient():
   params = mlp_params([6, 5, 4, 3], seed=4, spread=1.0)
   graph = mlp_graph(params)
-  zeros = enorm_jax.init_log_scales(graph)
-  assert float(enorm_jax.implicit_energy(params, zeros, graph)) == pytest.approx(
+  zeros = enorm_jax.contrib.init_log_scales(graph)
+  assert float(enorm_jax.contrib.implicit_energy(params, zeros, graph)) == pytest.approx(
       float(enorm_jax.energy(params, graph)), rel=1e-6)
   # d/d delta of sum(e^{2 delta} L^2 + e^{-2 delta} R^2) at 0 is 2 (L^2 - R^2) per unit.
-  grads = jax.grad(enorm_jax.implicit_energy, argnums=1)(params, zeros, graph)
+  grads = jax.grad(enorm_jax.contrib.implicit_energy, argnums=1)(params, zeros, graph)
   kernels = [np.asarray(params[f"Dense_{k}"]["kernel"], np.float64) for k in range(3)]
   for g, grad in enumerate(grads):
     incoming = np.sum(kernels[g] ** 2, axis=0)
@@ -84,5 +84,5 @@ def test_implicit_energy_value_and_hand_derived_gradient():
   deltas = tuple(jax.random.normal(jax.random.key(g), (s.size,)) for g, s in enumerate(graph))
   d = [np.exp(np.asarray(x, np.float64)) for x in deltas]
   scaled = [kernels[0] * d[0], kernels[1] / d[0][:, None] * d[1], kernels[2] / d[1][:, None]]
-  assert float(enorm_jax.implicit_energy(params, deltas, graph)) == pytest.approx(
+  assert float(enorm_jax.contrib.implicit_energy(params, deltas, graph)) == pytest.approx(
       sum(np.sum(w ** 2) for w in scaled), rel=1e-5)

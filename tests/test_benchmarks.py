@@ -55,7 +55,7 @@ def test_read_twice_then_write_reads_shared_kernels_again_and_keeps_values():
   model = FullyConnected(depth=2, width=8)
   params = model.init(jax.random.key(0), jnp.ones((1, 3072)))["params"]
   graph = model.rescaling_graph(params)
-  assert cycle._paths(graph, "producers") & cycle._paths(graph, "consumers") == {
+  assert cycle.role_paths(graph, "producers") & cycle.role_paths(graph, "consumers") == {
       "Dense_1/kernel", "Dense_2/kernel"}
   out = jax.jit(lambda p: cycle.read_twice_then_write(p, graph))(params)
   for w, v in zip(jax.tree.leaves(params), jax.tree.leaves(out)):

@@ -57,10 +57,11 @@ def test_unbalanced_bias_steps_follow_the_unbalanced_network(make_inner):
     return p
 
   plain = run(_only_biases(make_inner()))
+  # frozen=(): the kernels get no steps but are still rescaled.
   unbalanced = run(enorm_jax.enorm(_only_biases(make_inner()), graph, c=1.2,
-                                   bias_steps="unbalanced"))
+                                   bias_steps="unbalanced", frozen=()))
   balanced = run(enorm_jax.enorm(_only_biases(make_inner()), graph, c=1.2,
-                                 bias_steps="balanced"))
+                                 bias_steps="balanced", frozen=()))
   out = lambda p: model.apply({"params": p}, x)
   np.testing.assert_allclose(out(unbalanced), out(plain), rtol=2e-5, atol=2e-5)
   # The paper's steps differ (the test can fail), and the nets did move.

@@ -9,7 +9,6 @@ from flax import nnx
 
 import enorm_jax
 from enorm_jax import Entry, Group, RescalingGraph
-from enorm_jax import paths as tree_paths
 from enorm_jax.models import CifarNV, FullyConnected, ResNet18C
 
 KEY = jax.random.key(0)
@@ -20,7 +19,7 @@ def canonical(graph, params):
   def entries(rs):
     return sorted((r.path, r.view, r.axes, r.offset) for r in rs)
   return [(g.size, entries(g.producers), entries(g.consumers), entries(g.biases),
-           entries(g.carried)) for g in graph.resolve(tree_paths.leaves_by_path(params))]
+           entries(g.carried)) for g in graph.resolve(enorm_jax.leaves_by_path(params))]
 
 
 def linen_fn(model):

@@ -140,7 +140,7 @@ def test_wrapped_optimizers_train_and_stay_balanced(name, every_k):
   state = tx.init(params)
   optax.tree_utils.tree_map_params(tx, lambda v: v, state)
   out, state = run_enorm(tx, params, 6, x, y)
-  assert int(state.count) == 6
+  assert int(state.enorm_count) == 6
   assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(out))
   if name != "masked_sgd":  # optax.masked passes masked-out gradients through raw
     assert float(loss_fn(out, x, y)) < float(loss_fn(params, x, y))

@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.cifar10 import evaluate, train
+from experiments.cifar10 import train
 from experiments.common import distributed
 
 FLAGS = flags.FLAGS
@@ -40,8 +40,8 @@ def main(argv):
   if FLAGS.mode == "train":
     _, metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    metrics = evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split,
-                                           FLAGS.eval_data_dir)
+    metrics = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.split,
+                                        FLAGS.eval_data_dir)
   if distributed.is_main_process():
     print(json.dumps(metrics, indent=1))
 

@@ -16,7 +16,6 @@ import optax
 from enorm_jax import models
 from experiments.cifar10 import input_pipeline
 from experiments.common import distributed, methods, trainer
-from experiments.common.methods import METHODS  # noqa: F401  (re-exported)
 
 MODELS = ("fc", "cifar_nv")
 
@@ -57,12 +56,12 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
 
 
 def create_setup(config: ml_collections.ConfigDict, total_steps: int) -> methods.Setup:
-  validate_config(config)
+  """Model, optimizer and initial state (``config`` already validated)."""
   return methods.create_setup(config, create_model(config), jnp.ones(input_shape(config)),
                               learning_rate_schedule(config, total_steps))
 
 
-def evaluate_splits(eval_fn, state, ds, config, mesh, splits) -> dict[str, float]:
+def _evaluate_splits(eval_fn, state, ds, config, mesh, splits) -> dict[str, float]:
   trainer.check_batch_size(config.eval_batch_size, mesh)
   return methods.evaluate_splits(eval_fn, state, mesh, {
       s: (lambda s=s: input_pipeline.eval_batches(ds, s, config, config.eval_batch_size))
@@ -83,7 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   per_epoch = input_pipeline.steps_per_epoch(ds, config.batch_size)
   total_steps = per_epoch * config.num_epochs
   setup = create_setup(config, total_steps)
-  train_fn, eval_fn = methods.make_steps(setup, config, mesh)
+  train_fn, eval_fn = methods.make_steps(setup, mesh)
   splits = [s for s in ("validation", "test") if s in ds.splits]
 
   def batches(start_step):
@@ -94,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   state, metrics = trainer.fit(
       setup.state, train_step=train_fn, batches=batches, mesh=mesh, total_steps=total_steps,
       steps_per_epoch=per_epoch, workdir=workdir,
-      evaluate=lambda s: evaluate_splits(eval_fn, s, ds, config, mesh, splits),
+      evaluate=lambda s: _evaluate_splits(eval_fn, s, ds, config, mesh, splits),
       checkpoint_every_steps=config.checkpoint_every_steps or per_epoch,
       log_every_steps=min(config.log_every_steps, per_epoch),
       eval_every_epochs=config.eval_every_epochs, stop_at_step=config.stop_at_step,
@@ -103,3 +102,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   metrics["train_time_s"] = time.perf_counter() - start
   metrics["steps"] = int(jax.device_get(state.step))
   return state, metrics
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str,
+                        data_dir: str | None = None) -> dict[str, float]:
+  """Scores the newest checkpoint of ``workdir`` on ``split`` of ``data_dir``
+  (default: the training data, ``config.data_dir``).
+
+  Images are normalized with the statistics of the data the checkpoint was trained
+  on (stored in the workdir), never with those of the data being scored.
+  """
+  validate_config(config)
+  mesh = trainer.make_mesh(config.num_devices)
+  data_dir = config.data_dir if data_dir is None else data_dir
+  ds = input_pipeline.load_for_evaluation(config, workdir, data_dir, split)
+  setup = create_setup(config, total_steps=1)
+  template = jax.device_put(setup.state, trainer.replicated(mesh))  # any process count
+  state = trainer.Checkpoints(workdir).restore_latest(template)
+  if state is None:
+    raise FileNotFoundError(f"No readable checkpoint in {workdir}/checkpoints.")
+  _, eval_fn = methods.make_steps(setup, mesh)
+  metrics = _evaluate_splits(eval_fn, state, ds, config, mesh, [split])
+  return {"step": int(state.step), **metrics}

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.cifar10 import evaluate, input_pipeline, train
+from experiments.cifar10 import input_pipeline, train
+from experiments.common.methods import METHODS
 from experiments.cifar10.configs import conv_reduced, fc
 from experiments.common import data as common
 from experiments.common import methods, trainer
@@ -41,7 +42,7 @@ def run(config, workdir):
 
 
 @pytest.mark.parametrize("model,method", [
-    ("fc", m) for m in train.METHODS] + [("cifar_nv", m) for m in train.METHODS
+    ("fc", m) for m in METHODS] + [("cifar_nv", m) for m in METHODS
                                          if m != "path_sgd"])
 def test_one_short_run_per_method(image_folder, tmp_path, model, method):
   config = small_config(image_folder, tmp_path, model, method)
@@ -87,11 +88,11 @@ def test_resume_equals_uninterrupted_run(image_folder, tmp_path, method):
 def test_evaluate_entry_point_scores_checkpoint(image_folder, tmp_path):
   config = small_config(image_folder, tmp_path, "fc", "enorm")
   metrics, _ = run(config, tmp_path / "work")
-  scored = evaluate.evaluate_checkpoint(config, str(tmp_path / "work"), "validation")
+  scored = train.evaluate_checkpoint(config, str(tmp_path / "work"), "validation")
   assert scored["step"] == 12
   assert scored["validation_acc"] == pytest.approx(metrics["validation_acc"])
   with pytest.raises(ValueError, match="split='test' is not available"):
-    evaluate.evaluate_checkpoint(config, str(tmp_path / "work"), "test")
+    train.evaluate_checkpoint(config, str(tmp_path / "work"), "test")
 
 
 def test_evaluate_any_split_of_any_folder_with_the_training_statistics(image_folder, tmp_path):
@@ -100,7 +101,7 @@ def test_evaluate_any_split_of_any_folder_with_the_training_statistics(image_fol
   run(config, tmp_path / "work")
   test_only = tmp_path / "test_only"
   shutil.copytree(os.path.join(image_folder, "train"), test_only / "test")
-  scored = evaluate.evaluate_checkpoint(config, str(tmp_path / "work"), "test",
+  scored = train.evaluate_checkpoint(config, str(tmp_path / "work"), "test",
                                         str(test_only))
   # The same images through the training split's own normalization give the same
   # scores; the statistics of the scored folder (here, all 120 images) would not.
@@ -111,14 +112,14 @@ def test_evaluate_any_split_of_any_folder_with_the_training_statistics(image_fol
   setup = train.create_setup(config, total_steps=1)
   state = trainer.Checkpoints(str(tmp_path / "work")).restore_latest(setup.state)
   mesh = trainer.make_mesh(config.num_devices)
-  _, eval_fn = methods.make_steps(setup, config, mesh)
+  _, eval_fn = methods.make_steps(setup, mesh)
   expected = train.evaluate_splits(eval_fn, state, reference, config, mesh, ["all"])
   assert scored["test_acc"] == pytest.approx(expected["all_acc"])
   assert scored["test_loss"] == pytest.approx(expected["all_loss"], rel=1e-5)
   assert not np.allclose(input_pipeline.load_for_evaluation(
       config, str(tmp_path / "work"), str(test_only), "test").mean, images.mean((0, 1, 2)) / 255)
   with pytest.raises(ValueError, match="split='valid' is not available.*available: \\['test'\\]"):
-    evaluate.evaluate_checkpoint(config, str(tmp_path / "work"), "valid", str(test_only))
+    train.evaluate_checkpoint(config, str(tmp_path / "work"), "valid", str(test_only))
 
 
 def test_splits_are_deterministic_and_disjoint(image_folder, tmp_path):

@@ -48,10 +48,17 @@ def final_bn_of(config) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
+  """What the jitted steps close over: the model, the optimizer, the graph and the
+  config's static fields they read (never the ConfigDict itself)."""
+
   model: Any
   tx: optax.GradientTransformation
   graph: enorm_jax.RescalingGraph | None
   state: trainer.TrainState
+  method: str
+  c: float = 1.0
+  impl_lambda: float = 0.0
+  bn_scope: str = "global"
 
 
 def model_params(params, method):
@@ -73,12 +80,12 @@ def create_setup(config: ml_collections.ConfigDict, model, example_input: jax.Ar
     graph = model.rescaling_graph(params)
   if config.method == "path_sgd":
     apply = lambda p, x: model.apply({"params": p}, x)
-    tx = enorm_jax.path_sgd(schedule, apply, example_input)
+    tx = enorm_jax.contrib.path_sgd(schedule, apply, example_input)
   else:
     decay = optax.add_decayed_weights(config.weight_decay)
     if config.method == "enorm_impl":
       decay = optax.masked(decay, {"model": True, "log_scales": False})
-      params = {"model": params, "log_scales": enorm_jax.init_log_scales(graph)}
+      params = {"model": params, "log_scales": enorm_jax.contrib.init_log_scales(graph)}
     tx = optax.chain(decay, optax.sgd(schedule, momentum=config.momentum or None))
     if config.method == "enorm":
       tx = enorm_jax.enorm(tx, graph, c=config.c, cycles=config.enorm_cycles,
@@ -87,7 +94,8 @@ def create_setup(config: ml_collections.ConfigDict, model, example_input: jax.Ar
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              batch_stats=variables.get("batch_stats", {}),
                              opt_state=tx.init(params))
-  return Setup(model, tx, graph, state)
+  return Setup(model, tx, graph, state, method=config.method, c=config.c,
+               impl_lambda=config.impl_lambda, bn_scope=config.get("bn_scope", "global"))
 
 
 def _apply(setup: Setup, params, batch_stats, images, train: bool):
@@ -101,16 +109,16 @@ def _apply(setup: Setup, params, batch_stats, images, train: bool):
   return setup.model.apply(variables, images, train=train), batch_stats
 
 
-def _gradients(setup: Setup, config, state: trainer.TrainState, batch):
+def _gradients(setup: Setup, state: trainer.TrainState, batch):
   """Gradients, the new batch statistics and per-batch metrics."""
   def loss_fn(params):
-    logits, batch_stats = _apply(setup, model_params(params, config.method),
+    logits, batch_stats = _apply(setup, model_params(params, setup.method),
                                  state.batch_stats, batch["image"], True)
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
     total = loss
-    if config.method == "enorm_impl":
-      total = loss + config.impl_lambda * enorm_jax.implicit_energy(
-          params["model"], params["log_scales"], setup.graph, c=config.c)
+    if setup.method == "enorm_impl":
+      total = loss + setup.impl_lambda * enorm_jax.contrib.implicit_energy(
+          params["model"], params["log_scales"], setup.graph, c=setup.c)
     return total, (loss, logits, batch_stats)
 
   grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -118,18 +126,18 @@ def _gradients(setup: Setup, config, state: trainer.TrainState, batch):
   return grads, batch_stats, {"loss": loss, "accuracy": accuracy}
 
 
-def train_step(setup: Setup, config, state: trainer.TrainState, batch, mesh=None):
+def train_step(setup: Setup, state: trainer.TrainState, batch, mesh=None):
   """One optimizer step (and one ENorm cycle for ``enorm``).
 
-  With ``config.bn_scope == 'device'`` (and a mesh), the forward and backward
+  With ``setup.bn_scope == 'device'`` (and a mesh), the forward and backward
   passes run per device under `jax.shard_map`, so BatchNorm statistics are
   computed per device as in the paper; gradients, statistics and metrics are
   then averaged over devices. Otherwise one global-batch computation is
   partitioned by XLA (BatchNorm statistics over the global batch).
   """
-  local_grads = functools.partial(_gradients, setup, config)
+  local_grads = functools.partial(_gradients, setup)
   grads_fn = local_grads
-  if config.get("bn_scope", "global") == "device" and mesh is not None:
+  if setup.bn_scope == "device" and mesh is not None:
     def per_device(state, batch):
       out = local_grads(state, batch)
       return jax.tree.map(lambda x: jax.lax.pmean(x, "data"), out)
@@ -138,24 +146,24 @@ def train_step(setup: Setup, config, state: trainer.TrainState, batch, mesh=None
   grads, batch_stats, metrics = grads_fn(state, batch)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  weights = model_params(params, config.method)
+  weights = model_params(params, setup.method)
   metrics["param_l2"] = jnp.sqrt(sum(jnp.sum(jnp.square(w)) for w in jax.tree.leaves(weights)))
   return trainer.TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state), metrics
 
 
-def eval_step(setup: Setup, config, state: trainer.TrainState, batch):
-  logits, _ = _apply(setup, model_params(state.params, config.method), state.batch_stats,
+def eval_step(setup: Setup, state: trainer.TrainState, batch):
+  logits, _ = _apply(setup, model_params(state.params, setup.method), state.batch_stats,
                      batch["image"], False)
   return trainer.classification_metrics(logits, batch["label"], batch["mask"])
 
 
-def make_steps(setup: Setup, config, mesh):
+def make_steps(setup: Setup, mesh):
   """Jitted train and eval steps: batch sharded over ``mesh``, state replicated and donated."""
   repl, data = trainer.replicated(mesh), trainer.data_sharded(mesh)
-  train = jax.jit(functools.partial(train_step, setup, config, mesh=mesh),
+  train = jax.jit(functools.partial(train_step, setup, mesh=mesh),
                   in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, setup, config), in_shardings=(repl, data),
+  evaluate = jax.jit(functools.partial(eval_step, setup), in_shardings=(repl, data),
                      out_shardings=repl)
   return train, evaluate
 

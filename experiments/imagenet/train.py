@@ -61,7 +61,8 @@ def _host_batches(dataset):
     yield batch
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> tuple[trainer.TrainState, dict[str, Any]]:
   config = resolve_config(config)
   mesh = trainer.make_mesh(config.num_devices)
   trainer.check_batch_size(config.batch_size, mesh)
@@ -73,7 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   per_epoch = config.steps_per_epoch or sizes["train"] // config.batch_size
   total_steps = per_epoch * config.num_epochs
   setup = create_setup(config, total_steps)
-  train_fn, eval_fn = methods.make_steps(setup, config, mesh)
+  train_fn, eval_fn = methods.make_steps(setup, mesh)
   eval_splits = [s for s in sizes if s != "train"]
 
   def evaluate(state):

@@ -115,7 +115,7 @@ def test_enorm_adds_no_collectives(folder, bn_scope):
     config = train.resolve_config(config_for(folder, method, bn_scope=bn_scope))
     mesh = trainer.make_mesh()
     setup = train.create_setup(config, total_steps=10)
-    train_fn, _ = methods.make_steps(setup, config, mesh)
+    train_fn, _ = methods.make_steps(setup, mesh)
     batch = {"image": np.zeros((16, 32, 32, 3), np.float32), "label": np.zeros(16, np.int32)}
     state = jax.device_put(setup.state, trainer.replicated(mesh))
     hlo = train_fn.lower(state, trainer.shard_batch(batch, mesh)).compile().as_text()

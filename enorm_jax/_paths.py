@@ -38,6 +38,12 @@ def leaves_by_path(tree: Any) -> dict[str, Any]:
   return {key_path_str(kp): leaf for kp, leaf in flat}
 
 
+def flatten_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
+  """``(paths, leaves, treedef)`` of a pytree, paths as in `key_path_str`."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return [key_path_str(kp) for kp, _ in flat], [leaf for _, leaf in flat], treedef
+
+
 def map_with_path_str(fn, tree: Any, *rest: Any) -> Any:
   """``jax.tree.map`` whose function also gets the leaf's path string."""
   return jax.tree_util.tree_map_with_path(

@@ -1,28 +1,16 @@
-"""`trace_graph`: derive a `RescalingGraph` from any JAX/Flax function by jaxpr tracing.
+"""`trace_graph` and `explain_graph`: a `RescalingGraph` from any JAX/Flax function.
 
-The function is traced to a jaxpr and interpreted abstractly. Every value gets a
-*tag* saying how it depends on hidden-unit scalings:
-
-* `Scaled`: element ``i`` is multiplied by ``d[units[i]]`` when the units are
-  rescaled (``units[i] = -1``: not scaled). Created at the output channels of
-  every ``dot_general``/``conv`` whose kernel is a parameter.
-* `ParamView`: element ``i`` is ``leaf[index[i]]`` of one parameter (reshaped,
-  broadcast, ...), possibly times unscaled factors.
-* no tag: a value that no hidden-unit scaling changes.
-
-A rule per primitive maps input tags to output tags and records *events*: a
-parameter slice that produces, consumes or carries units, or units that must be
-dropped because an op does not commute with positive per-unit scaling. Units tied
-by a residual add are merged (union-find). Unknown primitives stop every unit they
-touch, so the tracer may miss a valid group but does not return a wrong one.
-The built-in rules are in `enorm_jax.trace_rules`; `register_rule` adds more
-(`enorm_jax.trace_core` documents the tags a rule sees).
+The function is traced to a jaxpr and interpreted on tags
+(`enorm_jax.tracing._interpreter`; the tags are documented in
+`enorm_jax.tracing._core`). Rules record which parameter slices produce,
+consume or carry which units and which units must be stopped; units tied by a
+residual add are merged; `enorm_jax.tracing._groups` turns the finished trace
+into groups.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -30,99 +18,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
 
-from enorm_jax import paths as tree_paths
-from enorm_jax import trace_contractions, trace_rules  # noqa: F401  (register the rules)
-from enorm_jax import trace_groups
+from enorm_jax import _paths
+from enorm_jax._resolve import resolve_entry
 from enorm_jax.graph import RescalingGraph
-from enorm_jax.trace_core import (ACTIVATION, ParamView, Scaled, TraceStop, Tracer, rule_for,
-                                  taint_all)
-
-_SUB_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-
-
-def _sub_jaxpr(eqn):
-  for name in _SUB_JAXPR_PARAMS:
-    sub = eqn.params.get(name)
-    if isinstance(sub, jcore.ClosedJaxpr):
-      return sub.jaxpr, sub.consts
-    if isinstance(sub, jcore.Jaxpr):
-      return sub, ()
-  return None
-
-
-_LIBRARY_DIRS = tuple(f"{os.sep}{name}{os.sep}" for name in (
-    "jax", "jaxlib", "flax", "optax", "enorm_jax", "chex", "numpy"))
-
-
-def _where(eqn) -> str:
-  """The user's line that made ``eqn`` (the innermost frame outside jax, flax,
-  optax and this library), with the innermost library frame as a detail."""
-  try:
-    frames = list(eqn.source_info.traceback.frames)
-  except AttributeError:  # pragma: no cover - no traceback recorded
-    return "an unknown location"
-
-  def fmt(f):
-    return f"{f.file_name}:{f.line_num} ({f.function_name})"
-  library = [f for f in frames if any(d in f.file_name for d in _LIBRARY_DIRS)]
-  user = next((f for f in frames if not any(d in f.file_name for d in _LIBRARY_DIRS)
-               and not f.file_name.startswith("<frozen")), None)
-  inner = next((f for f in library if f"{os.sep}jax{os.sep}" not in f.file_name
-                and f"{os.sep}enorm_jax{os.sep}" not in f.file_name), None)
-  if user is None:
-    return fmt(inner) if inner is not None else "an unknown location"
-  return fmt(user) + (f", inside {fmt(inner)}" if inner is not None else "")
-
-
-def _interpret(tr: Tracer, jaxpr, consts, in_tags) -> list:
-  env: dict[Any, Any] = {}
-
-  def read(v):
-    if isinstance(v, jcore.Literal):
-      return np.asarray(v.val)
-    return env.get(v)
-
-  for v in jaxpr.constvars:
-    # Closed-over arrays (e.g. batch statistics) may change later: their values
-    # are not trusted, only jaxpr literals and what is computed from them.
-    env[v] = None
-  del consts
-  for v, t in zip(jaxpr.invars, in_tags):
-    env[v] = t
-  for eqn in jaxpr.eqns:
-    tags = [read(v) for v in eqn.invars]
-    tr.where, tr.primitive = _where(eqn), eqn.primitive.name
-    involved = any(isinstance(t, (Scaled, ParamView)) for t in tags)
-    if not involved:
-      outs = [ACTIVATION if any(t is ACTIVATION for t in tags) else None] * len(eqn.outvars)
-      if all(isinstance(t, np.ndarray) for t in tags) and eqn.primitive.name in (
-          "broadcast_in_dim", "convert_element_type", "reshape"):
-        try:
-          outs = [np.asarray(eqn.primitive.bind(*tags, **eqn.params))]
-        except Exception:
-          pass
-    else:
-      sub = _sub_jaxpr(eqn)
-      rule = rule_for(eqn.primitive.name)
-      if sub is not None and rule is None:
-        outs = _interpret(tr, sub[0], sub[1], tags)
-      elif rule is None:
-        taint_all(tr, tags, f"pass through {eqn.primitive.name}, which has no tracer rule")
-        outs = [None] * len(eqn.outvars)
-      else:
-        try:
-          outs = rule(tr, eqn, tags)
-        except TraceStop as e:
-          taint_all(tr, tags, str(e))
-          outs = [None] * len(eqn.outvars)
-      if any(isinstance(t, Scaled) or t is ACTIVATION for t in tags):
-        outs = [ACTIVATION if o is None else o for o in outs]
-    for v, t in zip(eqn.outvars, outs):
-      env[v] = t
-  return [read(v) for v in jaxpr.outvars]
-
+from enorm_jax.tracing import _contractions, _rules  # noqa: F401  (register the rules)
+from enorm_jax.tracing._core import ACTIVATION, ParamView, Scaled, TraceState
+from enorm_jax.tracing._groups import build_graph
+from enorm_jax.tracing._interpreter import interpret
 
 @dataclasses.dataclass
 class TraceReport:
@@ -209,9 +112,7 @@ def explain_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
     >>> report.stopped[0]
     'layers_0 outputs: pass through tanh, which has no tracer rule [tanh] at ...'
   """
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  paths = [tree_paths.key_path_str(kp) for kp, _ in flat]
-  leaves = [leaf for _, leaf in flat]
+  paths, leaves, _ = _paths.flatten_with_paths(params)
   shapes = {p: tuple(np.shape(leaf)) for p, leaf in zip(paths, leaves)}
   # Array inputs become jaxpr inputs (tagged ACTIVATION); anything else stays static.
   inputs, input_tree = jax.tree.flatten((example_args, example_kwargs))
@@ -225,19 +126,19 @@ def explain_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
 
   arrays = [x for x, d in zip(inputs, dynamic) if d]
   closed = jax.make_jaxpr(call)(params, arrays)
-  tr = Tracer(shapes)
+  tr = TraceState(shapes)
   in_tags = [ParamView(p, np.arange(int(np.prod(s)), dtype=np.int64).reshape(s))
              if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) else None
              for p, s, leaf in zip(paths, shapes.values(), leaves)]
   in_tags += [ACTIVATION] * len(arrays)
-  outs = _interpret(tr, closed.jaxpr, closed.consts, in_tags)
-  tr.where, tr.primitive = "the function's output", "output"
-  for t in outs:
-    if isinstance(t, Scaled):
-      tr.stop(t.units, "are outputs of the function, not hidden units")
-    elif isinstance(t, ParamView):
-      tr.taint(t.path, "returned as an output")
-  graph, stopped = trace_groups.build_graph(tr, paths)
+  outs = interpret(tr, closed.jaxpr, in_tags)
+  with tr.visiting("output", "the function's output"):
+    for t in outs:
+      if isinstance(t, Scaled):
+        tr.stop(t.units, "are outputs of the function, not hidden units")
+      elif isinstance(t, ParamView):
+        tr.taint(t.path, "returned as an output")
+  graph, stopped = build_graph(tr, paths)
   graph = _mark_partial(graph, shapes)
   stopped += _unaccounted(graph, stopped, tr, paths, leaves)
   return TraceReport(graph, stopped)
@@ -278,7 +179,7 @@ def _mark_partial(graph: RescalingGraph, shapes) -> RescalingGraph:
 
   def mark(entries):
     return tuple(dataclasses.replace(e, partial=True)
-                 if (e.path, e.resolved(shapes[e.path]).axes) in gaps else e
+                 if (e.path, resolve_entry(e, shapes[e.path]).axes) in gaps else e
                  for e in entries)
   return RescalingGraph(tuple(
       dataclasses.replace(g, producers=mark(g.producers), consumers=mark(g.consumers),

@@ -1,7 +1,7 @@
-"""The tracer's built-in rules, one per primitive (see `enorm_jax.trace_core`).
+"""The tracer's built-in rules, one per primitive (tags and rule table: `enorm_jax.tracing._core`).
 
 A rule maps the input tags of one jaxpr equation to its output tags and records
-events on the `Tracer`. Ops that commute with a positive per-unit scale pass
+events on the `TraceState`. Ops that commute with a positive per-unit scale pass
 `Scaled` tags through; kernels produce and consume units; anything else stops
 the units it touches.
 """
@@ -11,12 +11,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from enorm_jax.trace_core import (ACTIVATION, UNSCALED, ParamView, Scaled, TraceStop, rule,
-                                  taint_all)
-
-
-def _shape(var) -> tuple[int, ...]:
-  return tuple(var.aval.shape)
+from enorm_jax.tracing._core import (ACTIVATION, UNSCALED, ParamView, Scaled, TraceStop,
+                                     max_reads, rule, shape_of, taint_all)
 
 
 def _same_transform(fn):
@@ -120,7 +116,7 @@ def _concatenate(tr, eqn, tags):
     for t in tags:
       if isinstance(t, ParamView):
         tr.taint(t.path, "concatenated with other values")
-  parts = [t.units if isinstance(t, Scaled) else np.full(_shape(v), UNSCALED, np.int64)
+  parts = [t.units if isinstance(t, Scaled) else np.full(shape_of(v), UNSCALED, np.int64)
            for t, v in zip(tags, eqn.invars)]
   return [Scaled(np.concatenate(parts, axis=axis))]
 
@@ -135,7 +131,7 @@ def _broadcast_to(a, shape):
 
 @rule("add", "sub", "add_any")
 def _add(tr, eqn, tags):
-  out_shape = _shape(eqn.outvars[0])
+  out_shape = shape_of(eqn.outvars[0])
   a, b = tags
   if not isinstance(a, Scaled) and not isinstance(b, Scaled):
     for t in tags:
@@ -171,7 +167,7 @@ def _add(tr, eqn, tags):
 
 @rule("mul")
 def _mul(tr, eqn, tags):
-  out_shape = _shape(eqn.outvars[0])
+  out_shape = shape_of(eqn.outvars[0])
   a, b = tags
   if isinstance(a, Scaled) and isinstance(b, Scaled):
     tr.stop(a.units, "multiplied by another scaled value")
@@ -180,7 +176,7 @@ def _mul(tr, eqn, tags):
   if not isinstance(a, Scaled) and not isinstance(b, Scaled):
     views = [t for t in tags if isinstance(t, ParamView)]
     index = _broadcast_to(views[0].index, out_shape) if len(views) == 1 else None
-    if index is not None and any(t is ACTIVATION for t in tags) and _repeats(index):
+    if index is not None and any(t is ACTIVATION for t in tags) and max_reads(index) > 1:
       # A per-feature gain broadcast over an activation's positions (a LayerNorm's
       # or RMSNorm's scale): each element produces a unit. A gain used once per
       # element (a BatchNorm's scale folded into its statistics) stays linear.
@@ -203,11 +199,6 @@ def _mul(tr, eqn, tags):
   return [Scaled(units)]
 
 
-def _repeats(index) -> bool:
-  used = index[index >= 0]
-  return used.size > 0 and int(np.bincount(used).max()) > 1
-
-
 def _new_units_for_view(tr, path, index):
   """Fresh units, one per parameter element used in ``index``."""
   used = np.unique(index[index >= 0])
@@ -228,9 +219,9 @@ def _div(tr, eqn, tags):
   if isinstance(b, ParamView):
     tr.taint(b.path, "used as a divisor")
   if isinstance(a, Scaled):
-    return [Scaled(_broadcast_to(a.units, _shape(eqn.outvars[0])))]
+    return [Scaled(_broadcast_to(a.units, shape_of(eqn.outvars[0])))]
   if isinstance(a, ParamView):
-    return [ParamView(a.path, _broadcast_to(a.index, _shape(eqn.outvars[0])))]
+    return [ParamView(a.path, _broadcast_to(a.index, shape_of(eqn.outvars[0])))]
   return [None]
 
 
@@ -245,7 +236,7 @@ def _sign_free(tr, eqn, tags):
 
 @rule("max", "min")
 def _max(tr, eqn, tags):
-  out_shape = _shape(eqn.outvars[0])
+  out_shape = shape_of(eqn.outvars[0])
   a, b = tags
   if isinstance(a, Scaled) and isinstance(b, Scaled):
     ua, ub = _broadcast_to(a.units, out_shape), _broadcast_to(b.units, out_shape)
@@ -285,7 +276,7 @@ def _sign(tr, eqn, tags):
 @rule("select_n")
 def _select(tr, eqn, tags):
   pred, *cases = tags
-  out_shape = _shape(eqn.outvars[0])
+  out_shape = shape_of(eqn.outvars[0])
   if isinstance(pred, (Scaled, ParamView)):
     raise TraceStop("used as a selector")
   if not any(isinstance(c, Scaled) for c in cases):

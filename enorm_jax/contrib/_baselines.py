@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from enorm_jax.balance import rescale_tree, check_hyperparams, energy
+from enorm_jax.balance import check_hyperparams, energy, rescale_tree
 from enorm_jax.graph import RescalingGraph, require_graph
 
 
@@ -36,7 +36,7 @@ def path_norm_scaling(apply_fn: Callable[[Any, jax.Array], jax.Array], params: A
     >>> import jax.numpy as jnp, enorm_jax
     >>> params = {'a': jnp.full((2, 3), 2.0), 'b': jnp.full((3, 1), 1.0)}
     >>> apply = lambda p, x: jnp.maximum(x @ p['a'], 0) @ p['b']
-    >>> kappa = enorm_jax.path_norm_scaling(apply, params, jnp.ones((1, 2)))
+    >>> kappa = enorm_jax.contrib.path_norm_scaling(apply, params, jnp.ones((1, 2)))
     >>> kappa['a'][0, 0].item(), kappa['b'][0, 0].item()  # paths through a[0,0]; into b[0,0]
     (1.0, 8.0)
 
@@ -72,7 +72,7 @@ def scale_by_path_norm(apply_fn: Callable[[Any, jax.Array], jax.Array],
     >>> import jax, jax.numpy as jnp, enorm_jax
     >>> params = {'a': jnp.full((2, 3), 2.0), 'b': jnp.full((3, 1), 1.0)}
     >>> apply = lambda p, x: jnp.maximum(x @ p['a'], 0) @ p['b']
-    >>> tx = enorm_jax.scale_by_path_norm(apply, jnp.ones((1, 2)))
+    >>> tx = enorm_jax.contrib.scale_by_path_norm(apply, jnp.ones((1, 2)))
     >>> updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     >>> updates['b'][0, 0].item()  # 1 / kappa
     0.125
@@ -120,7 +120,7 @@ def path_sgd(learning_rate: optax.ScalarOrSchedule,
     >>> mlp = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
     >>> x = jnp.ones((1, 4))
     >>> params = mlp.init(jax.random.key(0), x)['params']
-    >>> tx = enorm_jax.path_sgd(0.1, lambda p, x: mlp.apply({'params': p}, x), x)
+    >>> tx = enorm_jax.contrib.path_sgd(0.1, lambda p, x: mlp.apply({'params': p}, x), x)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
 
@@ -144,7 +144,7 @@ def init_log_scales(graph: RescalingGraph) -> tuple[jax.Array, ...]:
   Example:
     >>> import jax.numpy as jnp, enorm_jax
     >>> params = {'a': {'kernel': jnp.ones((2, 3))}, 'b': {'kernel': jnp.ones((3, 1))}}
-    >>> [s.shape for s in enorm_jax.init_log_scales(enorm_jax.chain_graph(params, ['a', 'b']))]
+    >>> [s.shape for s in enorm_jax.contrib.init_log_scales(enorm_jax.chain_graph(params, ['a', 'b']))]
     [(3,)]
 
   References:
@@ -178,10 +178,10 @@ def implicit_energy(params: Any, log_scales: tuple[jax.Array, ...], graph: Resca
     >>> import jax, jax.numpy as jnp, enorm_jax
     >>> params = {'a': {'kernel': jnp.full((2, 3), 2.0)}, 'b': {'kernel': jnp.ones((3, 1))}}
     >>> graph = enorm_jax.chain_graph(params, ['a', 'b'])
-    >>> log_scales = enorm_jax.init_log_scales(graph)
-    >>> float(enorm_jax.implicit_energy(params, log_scales, graph))
+    >>> log_scales = enorm_jax.contrib.init_log_scales(graph)
+    >>> float(enorm_jax.contrib.implicit_energy(params, log_scales, graph))
     27.0
-    >>> grads = jax.grad(enorm_jax.implicit_energy, argnums=1)(params, log_scales, graph)
+    >>> grads = jax.grad(enorm_jax.contrib.implicit_energy, argnums=1)(params, log_scales, graph)
     >>> grads[0].tolist()  # d/d(delta) of 8 e^(2 delta) + e^(-2 delta) at 0: 16 - 2
     [14.0, 14.0, 14.0]
 

@@ -17,23 +17,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from enorm_jax import paths as tree_paths
 from enorm_jax.graph import RescalingGraph, require_graph
-from enorm_jax.resolved import ResolvedEntry, ResolvedGroup
+from enorm_jax._resolve import ResolvedEntry, ResolvedGroup
 
 Scales = tuple[jax.Array, ...]
 
 # Leading axes of at most this many slices are summed by slice additions.
-MAX_SLICES = 64
-
-
-def flatten_with_paths(params):
-  """(paths, leaves, treedef) of a pytree, paths '/'-joined."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [tree_paths.key_path_str(kp) for kp, _ in flat]
-  return paths, [leaf for _, leaf in flat], treedef
-
-
 MAX_SLICES = 64
 
 

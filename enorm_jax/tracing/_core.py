@@ -1,26 +1,32 @@
-"""The tracer's building blocks, for `trace_graph` and for authors of tracer rules.
+"""The tracer's value tags, its state and its rule table.
 
-A rule maps the input tags of one jaxpr equation to its output tags:
+The tracer interprets a jaxpr abstractly (`enorm_jax.tracing._interpreter`).
+Every value carries a *tag* that says how it depends on hidden-unit scalings:
 
 * `Scaled`: element ``i`` is multiplied by ``d[units[i]]`` when the units are
-  rescaled (``units[i] = -1``: not scaled);
+  rescaled (``units[i] = -1``: not scaled). Created at the output channels of
+  every contraction whose kernel is a parameter, and at a norm's gain.
 * `ParamView`: element ``i`` is ``leaf[index[i]]`` of one parameter (reshaped,
-  broadcast, ...), possibly times unscaled factors;
+  broadcast, ...; ``index[i] = -1``: none), possibly times unscaled factors.
 * `ACTIVATION`: an unscaled value that depends on the function's inputs (a
-  normalized activation, the embedded tokens);
+  normalized activation, the embedded tokens).
 * a ``np.ndarray``: a known constant; ``None``: any other value (e.g. computed
   from parameters or closed-over arrays only).
 
-It records events on the `Tracer` (``record`` a parameter slice that produces,
-consumes or carries units; ``stop`` units; ``taint`` a parameter) and raises
-`TraceStop` when the op does not commute with positive per-unit scaling.
-`register_rule` adds a rule for a primitive.
+A rule (one per primitive, in `_RULES`) maps the input tags of one equation to
+its output tags and records events on the `TraceState`: ``record`` a parameter
+slice that produces, consumes or carries units; ``union`` units that must share
+a factor (or take inverse factors); ``stop`` units; ``taint`` a parameter. It
+raises `TraceStop` when the op does not commute with positive per-unit scaling.
+Events name the equation being interpreted, which the interpreter sets with
+`TraceState.visiting`. `register_rule` adds a rule for a primitive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -51,8 +57,23 @@ class TraceStop(Exception):
   """Raised by a rule: the op does not commute with scaling of its scaled inputs."""
 
 
-class Tracer:
-  """State of one abstract interpretation (events, unit union-find)."""
+def shape_of(var) -> tuple[int, ...]:
+  """The shape of a jaxpr variable."""
+  return tuple(var.aval.shape)
+
+
+def max_reads(index: np.ndarray) -> int:
+  """How often the most-read leaf element appears in a `ParamView` index (0: none).
+
+  1 means a full view (a reshaped, transposed, sliced or padded kernel); more
+  means a broadcast or repeated one (a norm gain over positions).
+  """
+  used = np.asarray(index)[np.asarray(index) >= 0]
+  return int(np.bincount(used).max()) if used.size else 0
+
+
+class TraceState:
+  """State of one abstract interpretation: unit union-find, events and reasons."""
 
   def __init__(self, leaf_shapes: dict[str, tuple[int, ...]]):
     self.leaf_shapes = leaf_shapes
@@ -64,8 +85,16 @@ class Tracer:
     self.unit_producer: dict[int, str] = {}
     self.stopped: dict[int, str] = {}
     self.tainted: dict[str, str] = {}
-    self.where = ""
-    self.primitive = ""
+    self._location = ""
+
+  @contextlib.contextmanager
+  def visiting(self, primitive: str, where: str) -> Iterator[None]:
+    """Events recorded inside name this equation: ``[primitive] at where``."""
+    saved, self._location = self._location, f"[{primitive}] at {where}"
+    try:
+      yield
+    finally:
+      self._location = saved
 
   # --- units -------------------------------------------------------------
   def new_units(self, n: int, producer: str) -> np.ndarray:
@@ -105,8 +134,7 @@ class Tracer:
       want = px ^ py ^ int(inverse)  # parity of rx relative to ry
       if rx == ry:
         if want:
-          self.stopped.setdefault(rx, f"tied to its own inverse [{self.primitive}] at "
-                                      f"{self.where}")
+          self.stopped.setdefault(rx, f"tied to its own inverse {self._location}")
         continue
       child, root = max(rx, ry), min(rx, ry)
       self.parent[child], self.parity[child] = root, want
@@ -121,10 +149,10 @@ class Tracer:
 
   def stop(self, units: np.ndarray, reason: str) -> None:
     for u in np.unique(units[units >= 0]).tolist():
-      self.stopped.setdefault(int(u), f"{reason} [{self.primitive}] at {self.where}")
+      self.stopped.setdefault(int(u), f"{reason} {self._location}")
 
   def taint(self, path: str, reason: str) -> None:
-    self.tainted.setdefault(path, f"{reason} [{self.primitive}] at {self.where}")
+    self.tainted.setdefault(path, f"{reason} {self._location}")
 
   # --- events ------------------------------------------------------------
   def record(self, role: str, view: ParamView, units: np.ndarray) -> None:
@@ -148,12 +176,12 @@ class Tracer:
     self.leaf_units[key] = leaf_units.reshape(shape)
 
 
-RuleFn = Callable[[Tracer, Any, list], list]
+RuleFn = Callable[[TraceState, Any, list], list]
 _RULES: dict[str, RuleFn] = {}
 
 
 def register_rule(primitive_name: str, rule: RuleFn | None) -> RuleFn | None:
-  """Registers ``rule(tracer, eqn, in_tags) -> out_tags`` for a primitive.
+  """Registers ``rule(state, eqn, in_tags) -> out_tags`` for a primitive.
 
   ``in_tags`` holds a `Scaled`, a `ParamView`, `ACTIVATION`, a ``np.ndarray``
   (a known constant) or ``None`` per input. Outputs returned as ``None`` from
@@ -172,7 +200,7 @@ def register_rule(primitive_name: str, rule: RuleFn | None) -> RuleFn | None:
     >>> import jax, jax.numpy as jnp, enorm_jax
     >>> params = {'a': jnp.ones((3, 4)), 'b': jnp.ones((4, 2))}
     >>> fn = lambda p, x: jnp.square(x @ p['a']) @ p['b']  # square: no rule, stops units
-    >>> before = enorm_jax.register_rule('square', lambda tracer, eqn, tags: [None])
+    >>> before = enorm_jax.register_rule('square', lambda state, eqn, tags: [None])
     >>> enorm_jax.explain_graph(fn, params, jnp.ones((1, 3))).graph.num_units
     0
     >>> enorm_jax.register_rule('square', before) is not None

@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from enorm_jax import paths as tree_paths
+from enorm_jax import _paths
 
 def fingerprint(params: Any, paths: Sequence[str]) -> jax.Array:
   """``[sum, sum of squares]`` in float32 of each leaf in ``paths``: shape (len(paths), 2)."""
   if not paths:
     return jnp.zeros((0, 2), jnp.float32)
-  leaves = tree_paths.leaves_by_path(params)
+  leaves = _paths.leaves_by_path(params)
   xs = [jnp.ravel(leaves[path]).astype(jnp.float32) for path in paths]
   # vdot: the squares are not materialized (a reduction of x * x would write them).
   return jnp.stack([jnp.stack([jnp.sum(x), jnp.vdot(x, x)]) for x in xs])
@@ -43,7 +43,7 @@ def _raise_changed(changed, paths):
   if bad:
     raise ValueError(
         f"enorm: the params of this update are not those its previous update produced "
-        f"({tree_paths.describe_paths(bad, 4)} differ). enorm must be the outermost "
+        f"({_paths.describe_paths(bad, 4)} differ). enorm must be the outermost "
         "transformation and its updates applied unchanged, params = "
         "optax.apply_updates(params, updates): a transformation chained after enorm "
         "(a scale, clipping, a learning rate) changes `balanced - params` and with it "
@@ -62,7 +62,7 @@ def check_unchanged(expected: jax.Array, params: Any, paths: Sequence[str],
   """
   if not paths:
     return jnp.bool_(True)
-  leaves = tree_paths.leaves_by_path(params)
+  leaves = _paths.leaves_by_path(params)
   # Per-leaf constants, vectorized so that the check is a handful of ops, not one per leaf.
   tol = np.array([max(1e-5, 4 * float(jnp.finfo(jnp.result_type(leaves[p])).eps))
                   for p in paths], np.float32)

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from enorm_jax.trace_core import (ACTIVATION, UNSCALED, ParamView, Scaled, TraceStop, rule,
-                                  taint_all)
-
-
-def _shape(var) -> tuple[int, ...]:
-  return tuple(var.aval.shape)
+from enorm_jax.tracing._core import (ACTIVATION, UNSCALED, ParamView, Scaled, TraceStop,
+                                     max_reads, rule, shape_of, taint_all)
 
 
 @rule("dot_general")
 def _dot_general(tr, eqn, tags):
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   contract, batch = (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
-  shapes = (_shape(eqn.invars[0]), _shape(eqn.invars[1]))
-  out_shape = _shape(eqn.outvars[0])
+  shapes = (shape_of(eqn.invars[0]), shape_of(eqn.invars[1]))
+  out_shape = shape_of(eqn.outvars[0])
   free = [[d for d in range(len(s)) if d not in c and d not in b]
           for s, c, b in zip(shapes, contract, batch)]
   free_pos = (len(lb), len(lb) + len(free[0]))  # where each side's free dims start
@@ -57,7 +53,7 @@ def _dot_general(tr, eqn, tags):
     if (per_contract is None and per_free is None) or (on_contract and on_free):
       raise TraceStop("contracted in a way that mixes units")
     if on_contract:
-      if not isinstance(other, ParamView) or not _is_full_view(tr, other):
+      if not isinstance(other, ParamView) or not max_reads(other.index) == 1:
         raise TraceStop("contracted with something other than a parameter kernel")
       act, ker = list(contract[side]), list(contract[1 - side])
       perm = [sorted(act).index(act[ker.index(k)]) for k in sorted(ker)]
@@ -70,7 +66,7 @@ def _dot_general(tr, eqn, tags):
     kernel = tags[side]
     if not isinstance(kernel, ParamView) or not free[side]:
       continue
-    if not _is_full_view(tr, kernel):
+    if not max_reads(kernel.index) == 1:
       tr.taint(kernel.path, "used as a transformed kernel")
       continue
     kshape = shapes[side]
@@ -127,14 +123,6 @@ def _constant_over(units, axes):
   return lo if (lo == hi).all() else None
 
 
-def _is_full_view(tr, view: ParamView) -> bool:
-  """Whether ``view`` reads each leaf element at most once (a reshaped, transposed,
-  sliced or padded kernel, but not a broadcast or a repeated one)."""
-  index = np.asarray(view.index)
-  used = index[index >= 0]
-  return used.size > 0 and int(np.bincount(used).max()) <= 1
-
-
 @rule("conv_general_dilated")
 def _conv(tr, eqn, tags):
   lhs, rhs = tags
@@ -144,14 +132,14 @@ def _conv(tr, eqn, tags):
   groups = p["feature_group_count"]
   if p["batch_group_count"] != 1:
     return taint_all(tr, tags, "batch-grouped convolution")
-  kshape = _shape(eqn.invars[1])
-  out_shape = _shape(eqn.outvars[0])
+  kshape = shape_of(eqn.invars[1])
+  out_shape = shape_of(eqn.outvars[0])
   if isinstance(lhs, Scaled):
     per_channel = _constant_over(lhs.units, [d for d in range(lhs.units.ndim) if d != lspec[1]])
     if per_channel is None:
       tr.stop(lhs.units, "convolved while not constant per channel")
       return [None]
-    if not isinstance(rhs, ParamView) or not _is_full_view(tr, rhs):
+    if not isinstance(rhs, ParamView) or not max_reads(rhs.index) == 1:
       tr.stop(lhs.units, "convolved with something other than a parameter kernel")
       return [None]
     c_in = kshape[rspec[1]]
@@ -164,7 +152,7 @@ def _conv(tr, eqn, tags):
     tr.record("consumer", rhs, kunits)
   elif isinstance(rhs, Scaled):
     return taint_all(tr, tags, "convolution with a scaled kernel")
-  if isinstance(rhs, ParamView) and _is_full_view(tr, rhs):
+  if isinstance(rhs, ParamView) and max_reads(rhs.index) == 1:
     new = tr.new_units(kshape[rspec[0]], rhs.path)
     tr.record("producer", rhs, _place(new, [rspec[0]], kshape))
     return [Scaled(_place(new, [ospec[1]], out_shape).copy())]

@@ -1,6 +1,6 @@
 """From a finished trace to `Group`s: units tied together, their parameter layouts.
 
-`build_graph` turns the `Tracer`'s unit classes and the parameter slices that
+`build_graph` turns the `TraceState`'s unit classes and the parameter slices that
 produce, consume or carry them into a `RescalingGraph`: a class becomes a group
 when nothing stopped it and it has both producers and consumers; classes that
 touch the same leaves in the same roles are merged; each leaf's units must form
@@ -15,10 +15,10 @@ import itertools
 import numpy as np
 
 from enorm_jax.graph import Entry, Group, RescalingGraph
-from enorm_jax.trace_core import UNSCALED, Tracer
+from enorm_jax.tracing._core import UNSCALED, TraceState
 
 
-def build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str]]:
+def build_graph(tr: TraceState, paths: list[str]) -> tuple[RescalingGraph, list[str]]:
   """The groups of a finished trace, and one reason line per class that is not a group."""
   classes: dict[int, list[int]] = collections.defaultdict(list)
   for u, root in enumerate(tr.roots().tolist()):
@@ -80,7 +80,7 @@ def build_graph(tr: Tracer, paths: list[str]) -> tuple[RescalingGraph, list[str]
   return RescalingGraph(tuple(g for _, g in groups)), stopped
 
 
-# Tracer role -> Group field; "inverse_" roles belong to units tied inverse to their class.
+# Trace role -> Group field; "inverse_" roles belong to units tied inverse to their class.
 _GROUP_FIELD = {"producer": "producers", "consumer": "consumers", "bias": "biases",
                 "carried": "carried", "inverse_producer": "consumers",
                 "inverse_consumer": "producers", "inverse_bias": "consumer_biases",

@@ -1,8 +1,10 @@
 """Graph entries checked against a params tree: shapes, axes and coverage.
 
 `RescalingGraph.resolve` turns each `Group` into a `ResolvedGroup` whose entries
-know their parameter's shape, and checks that the units of every rescaled
-parameter axis neither overlap nor (unless an entry is ``partial``) leave gaps.
+know their parameter's shape (`resolve_entry`), and checks that the units of
+every rescaled parameter axis neither overlap nor (unless an entry is
+``partial``) leave gaps. This module reads groups and entries by their fields
+only; `enorm_jax.graph` imports it, never the reverse.
 """
 
 from __future__ import annotations
@@ -10,15 +12,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
-from enorm_jax import paths as tree_paths
-
-if TYPE_CHECKING:
-  from enorm_jax.graph import Entry, Group
+from enorm_jax import _paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,23 +36,9 @@ class ResolvedEntry:
     return math.prod(self.view[a] for a in self.axes)
 
 
-class Sides:
-  """The entries of a group by side; shared by `Group` and `ResolvedGroup`."""
-
-  @property
-  def multiplied(self) -> tuple:
-    """Entries multiplied by ``d``: producers, their biases and carried values."""
-    return self.producers + self.biases + self.carried
-
-  @property
-  def divided(self) -> tuple:
-    """Entries divided by ``d``: consumers and their biases."""
-    return self.consumers + self.consumer_biases
-
-
 @dataclasses.dataclass(frozen=True)
-class ResolvedGroup(Sides):
-  """A `Group` whose entries are checked against the params (internal)."""
+class ResolvedGroup:
+  """A `Group` whose entries are checked against the params, by side."""
 
   size: int
   producers: tuple[ResolvedEntry, ...]
@@ -61,6 +46,29 @@ class ResolvedGroup(Sides):
   consumers: tuple[ResolvedEntry, ...]
   carried: tuple[ResolvedEntry, ...]
   consumer_biases: tuple[ResolvedEntry, ...]
+  multiplied: tuple[ResolvedEntry, ...]  # producers, biases, carried: times d
+  divided: tuple[ResolvedEntry, ...]  # consumers, consumer biases: divided by d
+
+
+def resolve_entry(entry, shape: Sequence[int]) -> ResolvedEntry:
+  """Checks an `Entry` against its parameter's shape and normalizes its axes."""
+  shape = tuple(shape)
+  view = entry.view if entry.view is not None else shape
+  if math.prod(view) != math.prod(shape):
+    raise ValueError(
+        f"Parameter {entry.path!r} has shape {shape} ({math.prod(shape)} elements) "
+        f"but the graph views it as {view} ({math.prod(view)} elements). Fix the "
+        "entry's `view` so that it is a reshape of the parameter.")
+  axes = []
+  for a in entry.axes:
+    if not -len(view) <= a < len(view):
+      raise ValueError(
+          f"Parameter {entry.path!r}: axis {a} is out of range for shape {view}. "
+          "Fix the entry's `axis`.")
+    axes.append(a % len(view))
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"Parameter {entry.path!r}: repeated axis in {entry.axis!r}.")
+  return ResolvedEntry(entry.path, shape, view, tuple(axes), entry.offset)
 
 
 def _gaps(extent, spans):
@@ -79,10 +87,10 @@ def format_ranges(ranges) -> str:
   return ", ".join(f"{a}..{b - 1}" if b - a > 1 else f"{a}" for a, b in ranges)
 
 
-def _check_leaf(path: str, leaves: Mapping[str, Any], group: Group):
+def _check_leaf(path: str, leaves: Mapping[str, Any], group):
   if path not in leaves:
     close = [p for p in leaves if p.split("/")[-1] == path.split("/")[-1]]
-    hint = f" Parameters with the same name: {tree_paths.describe_paths(close)}." if close else ""
+    hint = f" Parameters with the same name: {_paths.describe_paths(close)}." if close else ""
     if path.rsplit("/", 1)[-1] in ("mean", "var"):
       hint += (" It looks like a BatchNorm running statistic: the graph was traced in eval "
                "mode with the batch statistics as leaves. To train only the params (e.g. "
@@ -92,7 +100,7 @@ def _check_leaf(path: str, leaves: Mapping[str, Any], group: Group):
     raise ValueError(
         f"Group {group.label}: parameter path {path!r} is not in the params pytree."
         f"{hint} Paths are '/'-joined keys of the tree passed to balance (for Linen, "
-        f"variables['params']). Available: {tree_paths.describe_paths(leaves)}.")
+        f"variables['params']). Available: {_paths.describe_paths(leaves)}.")
   leaf = leaves[path]
   dtype = getattr(leaf, "dtype", None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -102,8 +110,8 @@ def _check_leaf(path: str, leaves: Mapping[str, Any], group: Group):
   return tuple(leaf.shape)
 
 
-def _resolve_entry(entry: Entry, leaves, group: Group) -> ResolvedEntry:
-  resolved = entry.resolved(_check_leaf(entry.path, leaves, group))
+def _resolve_in_group(entry, leaves, group) -> ResolvedEntry:
+  resolved = resolve_entry(entry, _check_leaf(entry.path, leaves, group))
   if resolved.offset + group.size > resolved.extent:
     raise ValueError(
         f"Group {group.label} has {group.size} units but parameter {entry.path!r} "
@@ -115,10 +123,10 @@ def _resolve_entry(entry: Entry, leaves, group: Group) -> ResolvedEntry:
   return resolved
 
 
-def resolve_group(group: Group, leaves: Mapping[str, Any]) -> ResolvedGroup:
-  """Checks every entry of ``group`` against ``leaves`` (path -> array-like)."""
+def resolve_group(group, leaves: Mapping[str, Any]) -> ResolvedGroup:
+  """Checks every entry of a `Group` against ``leaves`` (path -> array-like)."""
   def resolve_all(entries):
-    return tuple(_resolve_entry(e, leaves, group) for e in entries)
+    return tuple(_resolve_in_group(e, leaves, group) for e in entries)
 
   for e in group.biases + group.consumer_biases:
     shape = _check_leaf(e.path, leaves, group)
@@ -127,9 +135,12 @@ def resolve_group(group: Group, leaves: Mapping[str, Any]) -> ResolvedGroup:
           f"Group {group.label}: bias {e.path!r} has shape {shape}; a bias read along "
           "axis 0 must be 1-D. Give its entry the axes of the units (e.g. "
           "Entry(path, axis=(0, 1)) for a (heads, head_dim) bias) or a `view`.")
-  return ResolvedGroup(group.size, resolve_all(group.producers), resolve_all(group.biases),
-                       resolve_all(group.consumers), resolve_all(group.carried),
-                       resolve_all(group.consumer_biases))
+  producers, biases, carried = (resolve_all(group.producers), resolve_all(group.biases),
+                                resolve_all(group.carried))
+  consumers, consumer_biases = resolve_all(group.consumers), resolve_all(group.consumer_biases)
+  return ResolvedGroup(group.size, producers, biases, consumers, carried, consumer_biases,
+                       multiplied=producers + biases + carried,
+                       divided=consumers + consumer_biases)
 
 
 def uncovered(groups, resolved):
