@@ -27,6 +27,7 @@ from jax import lax
 
 from enorm_jax import _paths
 
+
 def fingerprint(params: Any, paths: Sequence[str]) -> jax.Array:
   """``[sum, sum of squares]`` in float32 of each leaf in ``paths``: shape (len(paths), 2)."""
   if not paths:
@@ -38,8 +39,9 @@ def fingerprint(params: Any, paths: Sequence[str]) -> jax.Array:
 
 
 def _raise_changed(changed, paths):
-  bad = [p for p, flag in zip(paths, np.asarray(changed).reshape(-1, len(paths)).any(0))
-         if flag]
+  """Raises naming the changed leaves; under `vmap` ``changed`` has leading batch axes."""
+  changed = np.asarray(changed)
+  bad = [p for p, flag in zip(paths, changed.reshape(-1, len(paths)).any(0)) if flag]
   if bad:
     raise ValueError(
         f"enorm: the params of this update are not those its previous update produced "
@@ -48,8 +50,10 @@ def _raise_changed(changed, paths):
         "optax.apply_updates(params, updates): a transformation chained after enorm "
         "(a scale, clipping, a learning rate) changes `balanced - params` and with it "
         "the network's function. Put it inside enorm(inner, ...). If you change the "
-        "params between steps on purpose, pass check_applied=False.")
-  return np.bool_(True)
+        "params between steps on purpose, pass check_applied=False. If you restored the "
+        "params and the optimizer state from checkpoints of different steps, restore "
+        "both from the same step.")
+  return np.ones(changed.shape[:-1], np.bool_)
 
 
 def check_unchanged(expected: jax.Array, params: Any, paths: Sequence[str],

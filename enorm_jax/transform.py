@@ -83,11 +83,13 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
   the next update raises when its params are not the ones the last update made.
 
   Frozen parameters: a parameter whose inner update is zero whatever its
-  inputs (``optax.set_to_zero()`` through ``multi_transform``, ``optax.freeze``,
-  a ``masked`` zero branch) keeps its values: every group that touches it is
-  left out of the balance, with a warning that names the groups. ``frozen``
-  replaces that detection with an explicit list (``frozen=()``: rescale every
-  parameter, trained or not).
+  inputs (``optax.set_to_zero()`` through ``multi_transform``, a last
+  ``optax.freeze`` in a chain, a ``masked`` zero branch) keeps its values: every
+  group that touches it is left out of the balance, with a warning that names
+  the groups. Zeros fed to a stateful optimizer (``chain(freeze(mask), adam)``)
+  are not provably zero updates, so they are not detected: put the freeze last,
+  or list the paths in ``frozen``, which replaces the detection (``frozen=()``:
+  rescale every parameter, trained or not).
 
   Copies of the params outside the optimizer state (an EMA, a teacher network)
   must follow every rescaling to keep computing the same function: the state's
@@ -238,7 +240,7 @@ def _active_groups(settings, inner, updates, inner_state, params, extra_args
     warnings.warn(
         f"enorm: {_paths.describe_paths(frozen & settings.graph.paths, 4)} keep their "
         "values (frozen: their inner updates are always zero, or `frozen` lists them), so "
-        f"the {len(left_out)} groups touching them are left out of the balance: "
+        f"the {len(left_out)} group(s) touching them are left out of the balance: "
         f"{', '.join(left_out[:6])}{', ...' if len(left_out) > 6 else ''}.", stacklevel=4)
   return active
 
