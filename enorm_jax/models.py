@@ -7,7 +7,9 @@
 * `ResNet18C`: ResNet-18 with learned (type-C) 1x1 shortcuts on every block (§4.3, §6.3).
 
 Each takes ``norm`` in ``('none', 'batch', 'group')`` and ``final_bn``, a
-BatchNorm on the logits (used by the paper for Baseline and ENorm). Each has a
+BatchNorm on the logits (used by the paper for Baseline and ENorm), whose
+statistics are shared over the named axis ``final_bn_axis_name`` when the
+forward pass runs per device (the paper shares them across GPUs). Each has a
 ``rescaling_graph(params)`` method. ENorm never rescales across a
 normalization layer, so the graph exists only for ``norm='none'``; the final
 BatchNorm comes after the last hidden units and does not matter.
@@ -81,6 +83,7 @@ class FullyConnected(nn.Module):
   norm: str = "none"
   gn_groups: int = 10
   final_bn: bool = False
+  final_bn_axis_name: str | None = None
   kernel_init: Any = xavier
 
   @nn.compact
@@ -95,7 +98,7 @@ class FullyConnected(nn.Module):
     x = nn.Dense(self.num_classes, use_bias=self.use_bias, kernel_init=self.kernel_init,
                  name=f"Dense_{self.depth + 1}")(x)
     if self.final_bn:
-      x = _batch_norm(train, name="FinalBN")(x)
+      x = _batch_norm(train, axis_name=self.final_bn_axis_name, name="FinalBN")(x)
     return x
 
   @property
@@ -125,6 +128,7 @@ class CifarNV(nn.Module):
   norm: str = "none"
   gn_groups: int = 32
   final_bn: bool = False
+  final_bn_axis_name: str | None = None
   kernel_init: Any = xavier
 
   def _widths(self) -> list[int]:
@@ -145,7 +149,7 @@ class CifarNV(nn.Module):
                 kernel_init=self.kernel_init, name="Conv_8")(x)
     x = jnp.mean(x, axis=(1, 2))
     if self.final_bn:
-      x = _batch_norm(train, name="FinalBN")(x)
+      x = _batch_norm(train, axis_name=self.final_bn_axis_name, name="FinalBN")(x)
     return x
 
   @property
@@ -197,6 +201,7 @@ class ResNet18C(nn.Module):
   gn_groups: int = 32
   final_bn: bool = False
   bn_axis_name: str | None = None
+  final_bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -216,7 +221,7 @@ class ResNet18C(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, use_bias=self.use_bias, kernel_init=xavier, name="head")(x)
     if self.final_bn:
-      x = _batch_norm(train, axis_name=self.bn_axis_name, name="FinalBN")(x)
+      x = _batch_norm(train, axis_name=self.final_bn_axis_name, name="FinalBN")(x)
     return x
 
   def _blocks(self) -> list[tuple[str, int, int]]:

@@ -1,7 +1,5 @@
 """`enorm`: an optax wrapper that balances the params after every inner step."""
 
-from __future__ import annotations
-
 import dataclasses
 import numbers
 import warnings

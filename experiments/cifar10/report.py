@@ -54,20 +54,19 @@ def _fmt(r):
   text = f"{100 * r['val_acc']:.2f}"
   if r.get("test_acc") is not None:
     text += f" / {100 * r['test_acc']:.2f}"
-  groups = f", {r['gn_groups']} groups" if r.get("gn_groups") else ""
-  return text + f" (lr {r['lr']:g}{groups})"
+  return text + f" (lr {r['lr']:g}{_setting(r)})"
 
 
 def seed_summaries(records, key_fn):
-  """Per key, the (lr, GN groups) setting with the best mean validation accuracy over
+  """Per key, the (lr, GN groups, ENorm-Impl weight) setting with the best mean accuracy over
   its seeds: a record with ``val_acc`` (the mean), ``std``, ``seeds`` (finished runs)
   and ``diverged`` (runs that diverged); a key whose every run diverged keeps
   ``val_acc=None``."""
   runs = collections.defaultdict(list)
   for r in records:
-    runs[(key_fn(r), r["lr"], r.get("gn_groups"))].append(r)
+    runs[(key_fn(r), r["lr"], r.get("gn_groups"), r.get("impl_lambda"))].append(r)
   shown = {}
-  for (key, _, _), rs in runs.items():
+  for (key, *_), rs in runs.items():
     accs = [r["val_acc"] for r in rs if r.get("val_acc") is not None]
     summary = dict(rs[0], val_acc=float(np.mean(accs)) if accs else None,
                    std=float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
@@ -87,10 +86,18 @@ def _fmt_seeds(r):
   text = f"{100 * r['val_acc']:.2f}"
   if r["std"] is not None:
     text += f" ± {100 * r['std']:.2f}"
-  groups = f", {r['gn_groups']} groups" if r.get("gn_groups") else ""
   seeds = f", {r['seeds']} seeds" if r["seeds"] > 1 else ""
   diverged = f", {r['diverged']} diverged" if r["diverged"] else ""
-  return text + f" (lr {r['lr']:g}{groups}{seeds}{diverged})"
+  return text + f" (lr {r['lr']:g}{_setting(r)}{seeds}{diverged})"
+
+
+def _setting(r) -> str:
+  """A run's searched setting beside its rate: GN's groups, ENorm-Impl's weight."""
+  if r.get("gn_groups"):
+    return f", {r['gn_groups']} groups"
+  if r.get("impl_lambda") is not None:
+    return f", λ {r['impl_lambda']:g}"
+  return ""
 
 
 def fc_table(records, title) -> tuple[str, dict]:

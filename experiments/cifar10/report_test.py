@@ -82,7 +82,7 @@ def _markdown_rows(text, header):
 
 
 def test_readme_fc_tables_match_the_committed_results():
-  """The FC tables written by hand in README.md and the results README state exactly
+  """The FC tables written by hand in docs/results.md and the results README state exactly
   the mean ± std that the report computes from `cifar10_fc.json` over the seeds that
   each row's seeds column names ("0" or "0-2")."""
   root = pathlib.Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ def test_readme_fc_tables_match_the_committed_results():
   for methods in (("Baseline", "BN", "ENorm-1", "ENorm-1.2"),
                   ("Baseline", "BN", "GN", "ENorm-1.2", "ENorm-Impl", "Path-SGD")):
     header = "| depth | " + " | ".join(methods) + " |"
-    for path, decimals in ((root / "README.md", 1), (results / "README.md", 2)):
+    for path, decimals in ((root / "docs" / "results.md", 1), (results / "README.md", 2)):
       rows = _markdown_rows(path.read_text(), header)
       assert rows, f"{path}: no table {header}"
       for row in rows:

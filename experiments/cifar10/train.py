@@ -32,12 +32,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def create_model(config: ml_collections.ConfigDict):
   norm, final_bn = methods.norm_of(config.method), methods.final_bn_of(config)
+  final_bn_axis = methods.final_bn_axis_of(config)
   if config.model == "fc":
     return models.FullyConnected(depth=config.depth, width=config.width,
                                  use_bias=config.use_bias, norm=norm,
-                                 gn_groups=config.gn_groups, final_bn=final_bn)
+                                 gn_groups=config.gn_groups, final_bn=final_bn,
+                                 final_bn_axis_name=final_bn_axis)
   return models.CifarNV(width=config.width_multiplier, use_bias=config.use_bias, norm=norm,
-                        gn_groups=config.gn_groups, final_bn=final_bn)
+                        gn_groups=config.gn_groups, final_bn=final_bn,
+                        final_bn_axis_name=final_bn_axis)
 
 
 def input_shape(config) -> tuple[int, ...]:

@@ -46,6 +46,13 @@ def final_bn_of(config) -> bool:
   return bool(config.final_bn) and config.method in ("baseline", "enorm")
 
 
+def final_bn_axis_of(config) -> str | None:
+  """The mesh axis the final BatchNorm shares its statistics over: with per-device
+  statistics (``bn_scope='device'``) the paper still shares this layer's across
+  GPUs (§6.3); with global statistics the batch is already global."""
+  return trainer.DATA_AXIS if config.get("bn_scope", "global") == "device" else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What the jitted steps close over: the model, the optimizer, the graph and the
@@ -140,8 +147,8 @@ def train_step(setup: Setup, state: trainer.TrainState, batch, mesh=None):
   if setup.bn_scope == "device" and mesh is not None:
     def per_device(state, batch):
       out = local_grads(state, batch)
-      return jax.tree.map(lambda x: jax.lax.pmean(x, "data"), out)
-    grads_fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")),
+      return jax.tree.map(lambda x: jax.lax.pmean(x, trainer.DATA_AXIS), out)
+    grads_fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(trainer.DATA_AXIS)),
                              out_specs=P(), check_vma=False)
   grads, batch_stats, metrics = grads_fn(state, batch)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)

@@ -40,6 +40,9 @@ class TrainState:
   opt_state: Any
 
 
+DATA_AXIS = "data"  # the mesh axis the batch is split over
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
   """A 1-D ``'data'`` mesh over the first ``num_devices`` devices (0: all)."""
   devices = jax.devices()
@@ -47,7 +50,7 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     if num_devices > len(devices):
       raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices exist.")
     devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), ("data",))
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -55,7 +58,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_sharded(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
+  return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:

@@ -46,7 +46,8 @@ def create_model(config):
   return models.ResNet18C(num_classes=config.num_classes, stem=config.stem,
                           widths=tuple(config.widths), use_bias=config.use_bias,
                           norm=methods.norm_of(config.method), gn_groups=config.gn_groups,
-                          final_bn=methods.final_bn_of(config))
+                          final_bn=methods.final_bn_of(config),
+                          final_bn_axis_name=methods.final_bn_axis_of(config))
 
 
 def create_setup(config, total_steps: int) -> methods.Setup:

@@ -1,5 +1,6 @@
-"""README.md's Python blocks run as written, from a plain (non-editable) install of
-the package, in a directory outside the repository."""
+"""The Python blocks of README.md and of every page under docs/ run as written, from
+a plain (non-editable) install of the package, in a directory outside the
+repository; their relative links point to files."""
 
 import os
 import pathlib
@@ -12,8 +13,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def python_blocks() -> list[str]:
-  return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+PAGES = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+
+
+def python_blocks(page: str) -> list[str]:
+  return re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +43,29 @@ def plain_python(tmp_path_factory):
 
 
 def test_readme_has_python_blocks():
-  assert len(python_blocks()) >= 4
+  assert len(python_blocks("README.md")) >= 3
 
 
-def test_readme_python_blocks_run_from_a_plain_install(plain_python):
+@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)])
+def test_python_blocks_run_from_a_plain_install(plain_python, page):
   python, tmp = plain_python
-  script = tmp / "readme_blocks.py"
+  script = tmp / (page.replace("/", "_") + ".py")
   check = ("import enorm_jax, enorm_jax.models\n"
            f"assert not enorm_jax.__file__.startswith({str(ROOT)!r}), enorm_jax.__file__\n")
-  script.write_text(check + "\n\n".join(python_blocks()))
+  script.write_text(check + "\n\n".join(python_blocks(page)))
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   result = subprocess.run([str(python), str(script)], cwd=tmp, env=env, capture_output=True,
                           text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-  assert "loss after 3 steps" in result.stdout
+  if page == "README.md":
+    assert "loss after 3 steps" in result.stdout
+
+
+def test_every_relative_link_of_the_docs_points_to_a_file():
+  broken = []
+  for page in PAGES + [str(p.relative_to(ROOT)) for p in (ROOT / "experiments").rglob(
+      "README.md")]:
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", (ROOT / page).read_text()):
+      if not (ROOT / page).parent.joinpath(target).exists():
+        broken.append(f"{page}: {target}")
+  assert not broken, broken
