@@ -145,3 +145,31 @@ def test_median_error_over_final_epochs(tmp_path):
   path.write_text("\n".join(__import__("json").dumps(r) for r in rows))
   out = train.median_error_final_epochs(str(path))
   assert out["top1_error"] == pytest.approx(1 - 0.64)
+
+
+SEED_SWEEP = range(30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", train.IMAGENET_METHODS)
+def test_the_test_configuration_trains_on_every_seed(folder, method):
+  """The 8-device configuration of the tests above, 10 steps from 30 initializations
+  with one compiled step: every run stays finite, so those tests rest on no lucky
+  seed. (Measured before the final BatchNorm computed its variance exactly and
+  shared its statistics: about 1 run in 5 reached NaN, the Baseline included.)"""
+  config = train.resolve_config(config_for(folder, method, num_epochs=1))
+  mesh = trainer.make_mesh()
+  train_fn, _ = methods.make_steps(train.create_setup(config, total_steps=10), mesh)
+  batches = [trainer.shard_batch(b, mesh) for b in
+             input_pipeline.train_dataset(config, config.batch_size).take(10).as_numpy_iterator()]
+  failed = []
+  for seed in SEED_SWEEP:
+    config.seed = seed
+    state = jax.device_put(train.create_setup(config, total_steps=10).state,
+                           trainer.replicated(mesh))
+    for batch in batches:
+      state, metrics = train_fn(state, batch)
+    if not (np.isfinite(float(metrics["loss"])) and all(
+        bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(state.params))):
+      failed.append(seed)
+  assert not failed, f"{method}: non-finite after 10 steps for seeds {failed}"

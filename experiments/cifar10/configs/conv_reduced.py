@@ -7,9 +7,8 @@ over the shortened run). The learning rate is not searched: every cell runs at
 0.05, and the momentum-0.9 cells also at 0.01 (momentum makes the effective step
 10x larger). GroupNorm's group count G is searched over the paper's grid at
 batch 32 without momentum (see `experiments/cifar10/sweep.py`); each layer uses
-the largest group count <= G that divides its width. Measured on this machine:
-one epoch of the paper-width net at batch 128 takes about 10 minutes, so the
-full protocol would need months.
+the largest group count <= G that divides its width. The full protocol does not
+fit a CPU (experiments/results/README.md gives the timings).
 """
 
 from experiments.cifar10.configs import conv
