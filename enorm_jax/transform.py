@@ -13,7 +13,7 @@ from jax import lax
 
 from enorm_jax import _frozen, _outermost, _paths
 from enorm_jax._plan import Plan
-from enorm_jax.balance import balance, check_hyperparams
+from enorm_jax.balance import balance, check_hyperparams, rescale
 from enorm_jax.graph import RescalingGraph, require_graph
 from enorm_jax.optimizer_state import (check_fields_exist, check_state_roles,
                                        rescale_optimizer_state)
@@ -92,7 +92,9 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
   Copies of the params outside the optimizer state (an EMA, a teacher network)
   must follow every rescaling to keep computing the same function: the state's
   ``scales`` holds the factors the last update applied, so
-  ``ema = enorm_jax.rescale(ema, state.scales, graph)`` before averaging.
+  ``ema = enorm_jax.rescale(ema, state.scales, graph)`` before averaging. With
+  ``optax.lookahead`` as the inner optimizer (params ``LookaheadParams``), the
+  fast params are balanced and the slow ones move with them.
 
   Biases and ``c != 1``: at the balance point of ``c > 1`` the middle layers of
   a deep net carry tiny activations, and so tiny biases (a bias is rescaled
@@ -164,18 +166,23 @@ def enorm(inner: optax.GradientTransformation, graph: RescalingGraph, *, p: floa
                       applied=jnp.zeros((len(settings.checked_paths), 2), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
-    _check_call(state, params)
-    graph.validate(params)  # at trace time: clear errors before anything reads a path
-    checked = _outermost.check_unchanged(state.applied, params, settings.checked_paths,
+    _check_call(state, params, settings)
+    lookahead = isinstance(params, optax.LookaheadParams)
+    fast = params.fast if lookahead else params  # the net; lookahead's slow: a copy
+    graph.validate(fast)  # at trace time: clear errors before anything reads a path
+    checked = _outermost.check_unchanged(state.applied, fast, settings.checked_paths,
                                         active=state.enorm_count > 0)
     active = _active_groups(settings, inner, updates, state.inner_state, params, extra_args)
     stepped, inner_state = _inner_step(settings, inner, updates, state, params, extra_args)
     count = optax.safe_increment(state.enorm_count)
-    new_params, inner_state, scales, unit_scales = _balance_step(
-        settings, inner, active, count, stepped, inner_state, state.unit_scales)
+    new_fast, inner_state, scales, unit_scales = _balance_step(
+        settings, inner, active, count, stepped.fast if lookahead else stepped, inner_state,
+        state.unit_scales)
+    new_params = optax.LookaheadParams(
+        fast=new_fast, slow=rescale(stepped.slow, scales, graph)) if lookahead else new_fast
     return _updates(new_params, params, checked), EnormState(
         enorm_count=count, inner_state=inner_state, scales=scales, unit_scales=unit_scales,
-        applied=_outermost.fingerprint(new_params, settings.checked_paths))
+        applied=_outermost.fingerprint(new_fast, settings.checked_paths))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -209,9 +216,12 @@ def _check_settings(graph, p, c, cycles, every_k, include_biases, schedule, bias
       checked_paths=tuple(sorted(graph.paths)) if check_applied else ())
 
 
-def _check_call(state, params) -> None:
+def _check_call(state, params, settings) -> None:
   if params is None:
     raise ValueError("enorm needs the current params: call tx.update(grads, state, params).")
+  if isinstance(params, optax.LookaheadParams) and settings.bias_paths:
+    raise ValueError("enorm(bias_steps='unbalanced') does not support optax.lookahead's "
+                     "params; use bias_steps='balanced'.")
   if not isinstance(state, EnormState):
     raise TypeError(
         f"enorm's update got a state of type {type(state).__name__}, not an EnormState. "
@@ -226,6 +236,10 @@ def _active_groups(settings, inner, updates, inner_state, params, extra_args
   frozen = settings.frozen
   if frozen is None:
     frozen = _frozen.zero_update_paths(inner, updates, inner_state, params, extra_args)
+    if isinstance(params, optax.LookaheadParams):  # the fast params are the net
+      frozen = frozenset(p.removeprefix("fast/") for p in frozen if p.startswith("fast/"))
+  if isinstance(params, optax.LookaheadParams):
+    params = params.fast
   unknown = frozen - set(_paths.leaves_by_path(params))
   if unknown:
     raise ValueError(f"enorm(frozen=...) names {_paths.describe_paths(unknown, 4)}, which "

@@ -202,11 +202,21 @@ def test_outermost_enorm_and_wrappers_pass_the_check():
     for _ in range(5):
       updates, state = step(p, state)
       p = optax.apply_updates(p, updates)
-    jax.block_until_ready(p)
-  # Without the check, the same chain runs (the user takes responsibility).
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(p))
+    assert float(sum(jnp.sum(jnp.abs(a - b)) for a, b in zip(
+        jax.tree.leaves(p), jax.tree.leaves(params)))) > 0  # the params did move
+  # Without the check, the same chain runs (the user takes responsibility): the
+  # halved updates move the params halfway to what enorm returned, no error.
   tx = optax.chain(enorm_jax.enorm(optax.sgd(0.1), graph, check_applied=False),
                    optax.scale(0.5))
-  p, state = params, tx.init(params)
-  for _ in range(3):
+  plain = enorm_jax.enorm(optax.sgd(0.1), graph, check_applied=False)
+  updates, _ = tx.update(grads(params), tx.init(params), params)
+  full, _ = plain.update(grads(params), plain.init(params), params)
+  for half, whole in zip(jax.tree.leaves(updates), jax.tree.leaves(full)):
+    np.testing.assert_allclose(half, 0.5 * whole, rtol=1e-6, atol=1e-7)
+  state = tx.init(params)
+  p = optax.apply_updates(params, updates)
+  for _ in range(2):
     updates, state = tx.update(grads(p), state, p)
     p = optax.apply_updates(p, updates)
+  assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(p))

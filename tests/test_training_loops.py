@@ -207,3 +207,21 @@ def test_params_from_another_step_name_the_checkpoint_as_a_cause():
   _, state = _train(tx, params, x, y, steps=2)
   with pytest.raises(Exception, match="checkpoints of different steps"):
     jax.block_until_ready(jax.jit(tx.update)(_grads(params, x, y), state, params))
+
+
+def test_lookahead_slow_params_move_with_the_fast_ones():
+  """At learning rate 0 the fast params only move along their orbit; lookahead's slow
+  params, interpolated towards them at every sync, must keep their function."""
+  params, graph, x, y = _problem(seed=4)
+  tx = enorm_jax.enorm(optax.lookahead(optax.sgd(0.0), sync_period=2, slow_step_size=0.5),
+                       graph)
+  lp = optax.LookaheadParams.init_synced(params)
+  state = tx.init(lp)
+  step = jax.jit(lambda p, s: tx.update(_grads(p.fast, x, y), s, p))
+  for _ in range(5):
+    updates, state = step(lp, state)
+    lp = optax.apply_updates(lp, updates)
+  reference = mlp_apply(params, x)
+  assert relative_error(mlp_apply(lp.fast, x), reference) < 1e-5
+  assert relative_error(mlp_apply(lp.slow, x), reference) < 1e-5
+  assert relative_error(lp.fast["Dense_0"]["kernel"], params["Dense_0"]["kernel"]) > 1e-2
