@@ -96,6 +96,7 @@ def load_for_evaluation(config: ml_collections.ConfigDict, workdir: str, data_di
   training; any other split, or any split of another folder, is read whole.
   """
   stats_path = os.path.join(workdir, STATS_FILE)
+  trained_on = None  # the training data, loaded at most once
   if os.path.exists(stats_path):
     with open(stats_path) as f:
       stats = json.load(f)
@@ -105,7 +106,7 @@ def load_for_evaluation(config: ml_collections.ConfigDict, workdir: str, data_di
     trained_on = load(config)
     mean, std, classes = trained_on.mean, trained_on.std, trained_on.classes
   if data_dir == config.data_dir and split in ("train", "validation"):
-    return dataclasses.replace(load(config), mean=mean, std=std)
+    return dataclasses.replace(trained_on or load(config), mean=mean, std=std)
   if not data_dir:
     import tensorflow_datasets as tfds
     images, labels = tfds.as_numpy(tfds.load(

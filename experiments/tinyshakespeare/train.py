@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 import enorm_jax
-from experiments.common import trainer
+from experiments.common import methods, trainer
 from experiments.common.data import prefetch
 from experiments.tinyshakespeare import input_pipeline, models
 
@@ -27,12 +27,9 @@ METHODS = ("adamw", "enorm", "enorm_mlp")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  if config.method not in METHODS:
-    raise ValueError(f"config.method={config.method!r} is unknown; use one of {METHODS}.")
-  if not config.c > 0:
-    raise ValueError(f"config.c={config.c} must be > 0 (1.0 is plain ENorm).")
-  if config.eval_every_steps < 1 or config.num_steps < 1:
-    raise ValueError("config.num_steps and config.eval_every_steps must be >= 1.")
+  methods.check_method(config, METHODS)
+  if config.eval_every_steps < 1:
+    raise ValueError("config.eval_every_steps must be >= 1.")
   if not 0 <= config.warmup_steps < config.num_steps:
     raise ValueError(f"config.warmup_steps={config.warmup_steps} must be in "
                      f"[0, num_steps={config.num_steps}).")

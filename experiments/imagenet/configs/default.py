@@ -7,7 +7,7 @@ quadratically to 1e-5, weight decay by batch size (1e-4 for B = 128 and 256,
 `bn_scope`: 'device' computes BatchNorm statistics on each device's shard of the
 batch, as the paper does per GPU; 'global' computes them over the global batch
 (one synchronized BatchNorm). The running averages are averaged over devices in
-both cases. The BatchNorm after the classifier (Baseline and ENorm) shares its
+both cases. The BatchNorm after the classifier (Baseline, ENorm, ENorm-Impl) shares its
 statistics across devices whatever `bn_scope` says, as the paper's does (§6.3),
 and every BatchNorm computes its variance as E[(x - E[x])^2]: with 2 examples per
 device, E[x^2] - E[x]^2 of logits sharing a large common value cancels to 0 in
