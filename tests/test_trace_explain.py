@@ -113,3 +113,26 @@ def test_attention_values_and_output_projection_form_a_group():
   enorm_jax.check_graph(apply, params, graph, x)
   balanced, _ = enorm_jax.balance(params, graph, cycles=3)
   np.testing.assert_allclose(apply(balanced, x), apply(params, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_misread_loop_body_gives_no_wrong_group():
+  """A ReLU RNN under `lax.scan`: read as a plain call, the recurrent kernel's rows
+  are missed; the self-check on the example input drops that group with a reason,
+  so the returned graph keeps the function."""
+  k = jax.random.split(jax.random.key(0), 4)
+  params = {"wx": jax.random.normal(k[0], (4, 32)) * 0.5,
+            "wh": jax.random.normal(k[1], (32, 32)) * 0.2, "b": jnp.zeros(32),
+            "wo": jax.random.normal(k[2], (32, 3))}
+
+  def rnn(p, xs):
+    def step(h, x):
+      return jax.nn.relu(x @ p["wx"] + h @ p["wh"] + p["b"]), None
+    h, _ = jax.lax.scan(step, jnp.zeros((xs.shape[1], 32)), xs)
+    return h @ p["wo"]
+
+  xs = jax.random.normal(k[3], (6, 2, 4))
+  report = enorm_jax.explain_graph(rnn, params, xs)
+  assert report.graph.num_units == 0
+  assert any(line.startswith("wx outputs: rescaling this group changes the function")
+             for line in report.stopped), report.stopped
+  assert "wh: in 'wx outputs', left out above" in report.stopped

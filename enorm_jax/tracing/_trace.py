@@ -21,6 +21,7 @@ import numpy as np
 
 from enorm_jax import _paths
 from enorm_jax._resolve import resolve_entry
+from enorm_jax.check import groups_changing_the_function
 from enorm_jax.graph import RescalingGraph
 from enorm_jax.tracing import _contractions, _rules  # noqa: F401  (register the rules)
 from enorm_jax.tracing._core import ACTIVATION, ParamView, Scaled, TraceState
@@ -59,7 +60,9 @@ def trace_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
   sub-jaxprs. A norm's scale broadcast over an activation (LayerNorm, RMSNorm)
   produces units; two scaled values contracted together (attention's ``q . k``)
   tie their units inverse, giving a query/key group with the key side divided.
-  Any other op stops the units it touches.
+  Any other op stops the units it touches. Before returning, every group is
+  checked on the example inputs as `check_graph` does (random powers of two, exact
+  in every dtype); a group that changes the output is left out, with its reason.
 
   Args:
     apply_fn: ``apply_fn(params, *example_args, **example_kwargs)``.
@@ -139,24 +142,54 @@ def explain_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
       elif isinstance(t, ParamView):
         tr.taint(t.path, "returned as an output")
   graph, stopped = build_graph(tr, paths)
+  graph, stopped = _proved(apply_fn, params, _mark_partial(graph, shapes), stopped,
+                           example_args, example_kwargs)
   graph = _mark_partial(graph, shapes)
   stopped += _unaccounted(graph, stopped, tr, paths, leaves)
   return TraceReport(graph, stopped)
 
 
 
+def _proved(apply_fn, params, graph, stopped, example_args, example_kwargs):
+  """The graph without the groups that change the function on the example inputs
+  when rescaled alone by powers of two (`check_graph`'s test), each with a reason."""
+  if not graph.groups:
+    return graph, stopped
+  try:
+    failing = groups_changing_the_function(apply_fn, params, graph, *example_args,
+                                           **example_kwargs)
+  except Exception as e:  # pylint: disable=broad-except  (e.g. a function needing rngs)
+    warnings.warn(f"trace_graph could not check its graph on the example inputs ({e!r}); "
+                  "check it with enorm_jax.check_graph.", stacklevel=4)
+    return graph, stopped
+  if not failing:
+    return graph, stopped
+  bad = {i for i, _ in failing}
+  lines = []
+  for i, e in failing:
+    name = graph.groups[i].name or graph.groups[i].label
+    lines.append(f"{name}: rescaling this group changes the function's output on the "
+                 f"example inputs (relative error {e:.1e} under powers of two), so the "
+                 "tracer misread an op on its path; it is left out")
+    lines += [f"{path}: in {name!r}, left out above" for path in dict.fromkeys(
+        graph.groups[i].scaled_paths()) if path.rsplit("/", 1)[0] + " outputs" != name]
+  stopped = stopped + lines
+  return RescalingGraph(tuple(g for i, g in enumerate(graph) if i not in bad)), stopped
+
+
 def _unaccounted(graph, stopped, tr, paths, leaves) -> list[str]:
   """Reasons for every kernel-like parameter (ndim >= 2, or a norm's ``scale``) that
   is in no group and not yet explained, so that the report covers them all."""
   in_graph = {e.path for g in graph for e in g.multiplied + g.divided}
-  explained = {line.split(" outputs: ")[0] for line in stopped}
+  explained = {line.split(": ")[0].removesuffix(" outputs") for line in stopped}
   lines = []
   if not paths:
     return ["the params pytree has no leaves"]
   for path, leaf in zip(paths, leaves):
     dtype = jnp.result_type(leaf)
     kernel_like = np.ndim(leaf) >= 2 or path.rsplit("/", 1)[-1] == "scale"
-    if not kernel_like or path in in_graph or path.rsplit("/", 1)[0] in explained:
+    if (not kernel_like or path in in_graph or path in explained
+        or path.rsplit("/", 1)[0] in explained):
       continue
     if not jnp.issubdtype(dtype, jnp.floating):
       reason = f"has dtype {dtype}: only floating-point parameters can be rescaled"
