@@ -91,25 +91,31 @@ def _bilinear(tr, tags, contract, batch):
   """Two scaled values contracted together, like attention scores ``q . k``.
 
   Each output element sums products ``q_j k_j``; it keeps its value if every
-  pair multiplied together has inverse factors. That holds when both sides'
-  units sit on the contracted and batch dims only (constant over the free dims,
-  the query and key positions), and the pairs are tied inverse: the key
-  projection's units become the query projection's, divided.
+  pair multiplied together has inverse factors, so each side's unit at (batch,
+  free, contracted) index is tied inverse to the other side's at every free
+  index of its own: the key projection's units become the query projection's,
+  divided. Free dims along which a side's units are constant (the positions)
+  are dropped first; the ones along which they vary (grouped queries' heads)
+  are kept, so every query head of a group is tied to its key head.
   """
-  pairs = []
+  reduced = []
   for side, t in enumerate(tags):
-    kept = list(batch[side]) + list(contract[side])
-    free = [d for d in range(t.units.ndim) if d not in kept]
-    per = _constant_over(t.units, free)
-    if per is None:
-      raise TraceStop("multiplied (dot_general) by another scaled value, with units that "
-                      "vary along the free dimensions")
-    ascending = sorted(kept)
-    pairs.append(np.transpose(per, [ascending.index(d) for d in kept]))
-  a, b = pairs
-  both = (a >= 0) & (b >= 0)
+    units = t.units
+    free = [d for d in range(units.ndim) if d not in batch[side] + contract[side]]
+    varying = [d for d in free if _constant_over(units, [d]) is None]
+    for d in sorted(set(free) - set(varying), reverse=True):
+      units = np.take(units, 0, axis=d)
+    kept = sorted(set(range(t.units.ndim)) - (set(free) - set(varying)))
+    order = list(batch[side]) + varying + list(contract[side])
+    reduced.append((np.transpose(units, [kept.index(d) for d in order]), len(varying)))
+  (a, na), (b, nb) = reduced
+  nbatch = len(batch[0])
+  a = np.expand_dims(a, tuple(range(nbatch + na, nbatch + na + nb)))
+  b = np.expand_dims(b, tuple(range(nbatch, nbatch + na)))
+  a, b = np.broadcast_arrays(a, b)
   if ((a >= 0) != (b >= 0)).any():
     raise TraceStop("multiplied (dot_general) by a value that is scaled at other positions")
+  both = a >= 0
   tr.union(a[both], b[both], inverse=True)
   return [ACTIVATION]
 

@@ -151,6 +151,13 @@ class TraceState:
     for u in np.unique(units[units >= 0]).tolist():
       self.stopped.setdefault(int(u), f"{reason} {self._location}")
 
+  def all_stopped(self, units: np.ndarray) -> bool:
+    """Whether every scaled element of ``units`` belongs to a stopped class (such a
+    value is never rescaled: it acts as an unscaled one)."""
+    used = np.unique(units[units >= 0])
+    stopped_roots = {self.find(u) for u in self.stopped}
+    return bool(used.size) and all(self.find(int(u)) in stopped_roots for u in used)
+
   def taint(self, path: str, reason: str) -> None:
     self.tainted.setdefault(path, f"{reason} {self._location}")
 

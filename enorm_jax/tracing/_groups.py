@@ -88,19 +88,27 @@ _GROUP_FIELD = {"producer": "producers", "consumer": "consumers", "bias": "biase
 
 
 def _make_group(sig, roots, leaf_classes):
-  order = None
-  entries = collections.defaultdict(list)
+  """A group of the classes ``roots``: one entry per leaf of ``sig``, every entry
+  listing the units in the same order (the first leaf's layouts are tried in turn
+  until every other leaf has a layout in that order)."""
+  fits = []
   for role, path in sig:
     classes = np.where(np.isin(leaf_classes[(role, path)], list(roots)),
                        leaf_classes[(role, path)], UNSCALED)
-    fit = _fit_entry(path, classes, len(roots))
-    if fit is None:
+    candidates = list(_fit_entries(path, classes, len(roots)))
+    if not candidates:
       return None, f"{path}: its units do not form an axis-aligned layout"
-    entry, sequence = fit
-    if order is None:
-      order = sequence
-    elif sequence != order:
-      return None, f"{path}: its units are in a different order than the group's"
+    fits.append((role, path, candidates))
+  for _, order in fits[0][2]:
+    chosen = [next((e for e, seq in candidates if seq == order), None)
+              for _, _, candidates in fits]
+    if all(e is not None for e in chosen):
+      break
+  else:
+    path = next(p for (_, p, c), e in zip(fits, chosen) if e is None)
+    return None, f"{path}: its units are in a different order than the group's"
+  entries = collections.defaultdict(list)
+  for (role, _, _), entry in zip(fits, chosen):
     entries[_GROUP_FIELD[role]].append(entry)
   anchor = next(p for role, p in sig if role in ("producer", "inverse_consumer"))
   name = f"{anchor.rsplit('/', 1)[0]} outputs"
@@ -137,8 +145,9 @@ def _candidate_views(shape):
       yield view, tuple(sorted((a_view, b + 1)))
 
 
-def _fit_entry(path, classes, n):
-  """An `Entry` whose unit sequence reproduces ``classes`` (element -> class or -1)."""
+def _fit_entries(path, classes, n):
+  """Each `Entry` (with its unit sequence) that reproduces ``classes`` (element ->
+  class or -1), simplest first."""
   for view, axes in _candidate_views(classes.shape):
     v = classes if view is None else classes.reshape(view)
     rest = [d for d in range(v.ndim) if d not in axes]
@@ -154,5 +163,4 @@ def _fit_entry(path, classes, n):
     if len(set(sequence)) != n:
       continue
     axis = axes[0] if len(axes) == 1 else axes
-    return Entry(path, axis, view=view, offset=int(inside[0])), sequence
-  return None
+    yield Entry(path, axis, view=view, offset=int(inside[0])), sequence

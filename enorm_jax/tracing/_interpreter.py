@@ -10,6 +10,7 @@ valid group but never builds a wrong one. Reasons name the user's source line.
 from __future__ import annotations
 
 import os
+import sysconfig
 from typing import Any
 
 import numpy as np
@@ -35,30 +36,41 @@ _LIBRARY_DIRS = tuple(f"{os.sep}{name}{os.sep}" for name in (
     "jax", "jaxlib", "flax", "optax", "enorm_jax", "chex", "numpy"))
 
 
-def _where(eqn) -> str:
+_STDLIB = sysconfig.get_paths()["stdlib"]  # contextlib, functools: never the user's line
+
+
+def _is_stdlib(file_name: str) -> bool:
+  return file_name.startswith("<frozen") or (file_name.startswith(_STDLIB)
+                                             and "-packages" not in file_name)
+
+
+def _where(eqn, outer: str) -> str:
   """The user's line that made ``eqn`` (the innermost frame outside jax, flax,
   optax and this library), with the innermost library frame as a detail."""
   try:
     frames = list(eqn.source_info.traceback.frames)
   except AttributeError:  # pragma: no cover - no traceback recorded
-    return "an unknown location"
+    return outer
 
   def fmt(f):
     return f"{f.file_name}:{f.line_num} ({f.function_name})"
   library = [f for f in frames if any(d in f.file_name for d in _LIBRARY_DIRS)]
   user = next((f for f in frames if not any(d in f.file_name for d in _LIBRARY_DIRS)
-               and not f.file_name.startswith("<frozen")), None)
+               and not _is_stdlib(f.file_name)), None)
   inner = next((f for f in library if f"{os.sep}jax{os.sep}" not in f.file_name
                 and f"{os.sep}enorm_jax{os.sep}" not in f.file_name), None)
   if user is None:
-    return fmt(inner) if inner is not None else "an unknown location"
+    return fmt(inner) if inner is not None else outer
   return fmt(user) + (f", inside {fmt(inner)}" if inner is not None else "")
 
 
-def interpret(tr: TraceState, jaxpr, in_tags: list) -> list:
+def interpret(tr: TraceState, jaxpr, in_tags: list,
+              outer: str = "an unknown location") -> list:
   """The output tags of ``jaxpr`` given its input tags, recording events on ``tr``.
 
-  Closed-over constants are untrusted (``None``): they may change later.
+  Closed-over constants are untrusted (``None``): they may change later. An
+  equation without a source line of its own (inside a ``custom_jvp`` rule, say)
+  is reported at ``outer``, the line of the call that contains it.
   """
   env: dict[Any, Any] = {}
 
@@ -73,14 +85,15 @@ def interpret(tr: TraceState, jaxpr, in_tags: list) -> list:
     env[v] = t
   for eqn in jaxpr.eqns:
     tags = [read(v) for v in eqn.invars]
-    with tr.visiting(eqn.primitive.name, _where(eqn)):
-      outs = _equation(tr, eqn, tags)
+    where = _where(eqn, outer)
+    with tr.visiting(eqn.primitive.name, where):
+      outs = _equation(tr, eqn, tags, where)
     for v, t in zip(eqn.outvars, outs):
       env[v] = t
   return [read(v) for v in jaxpr.outvars]
 
 
-def _equation(tr: TraceState, eqn, tags: list) -> list:
+def _equation(tr: TraceState, eqn, tags: list, where: str) -> list:
   """The output tags of one equation."""
   if not any(isinstance(t, (Scaled, ParamView)) for t in tags):
     outs = [ACTIVATION if any(t is ACTIVATION for t in tags) else None] * len(eqn.outvars)
@@ -93,7 +106,7 @@ def _equation(tr: TraceState, eqn, tags: list) -> list:
     return outs
   sub, rule = _sub_jaxpr(eqn), rule_for(eqn.primitive.name)
   if sub is not None and rule is None:
-    outs = interpret(tr, sub, tags)
+    outs = interpret(tr, sub, tags, where)
   elif rule is None:
     taint_all(tr, tags, f"pass through {eqn.primitive.name}, which has no tracer rule")
     outs = [None] * len(eqn.outvars)

@@ -67,6 +67,21 @@ for _name, _fn in (("reshape", _reshape), ("transpose", _transpose),
   rule(_name)(_same_transform(_fn))
 
 
+@rule("split")
+def _split(tr, eqn, tags):
+  """``jnp.split``: consecutive slices along one axis, one output each."""
+  t, axis = tags[0], eqn.params["axis"]
+  bounds = np.cumsum([0, *eqn.params["sizes"]])
+
+  def parts(a):
+    return [np.take(a, np.arange(lo, hi), axis=axis) for lo, hi in zip(bounds[:-1], bounds[1:])]
+  if isinstance(t, Scaled):
+    return [Scaled(u) for u in parts(t.units)]
+  if isinstance(t, ParamView):
+    return [ParamView(t.path, i) for i in parts(t.index)]
+  return [None] * len(eqn.outvars)
+
+
 @rule("convert_element_type", "copy", "copy_p", "reduce_precision", "stop_gradient",
        "optimization_barrier")
 def _identity(tr, eqn, tags):
@@ -170,9 +185,16 @@ def _mul(tr, eqn, tags):
   out_shape = shape_of(eqn.outvars[0])
   a, b = tags
   if isinstance(a, Scaled) and isinstance(b, Scaled):
-    tr.stop(a.units, "multiplied by another scaled value")
-    tr.stop(b.units, "multiplied by another scaled value")
-    return [None]
+    # A gate whose units are all stopped (silu(x @ W_gate): the sigmoid stopped them)
+    # is never rescaled: the product is linear in the other branch (SwiGLU, GeGLU).
+    if tr.all_stopped(b.units):
+      b = ACTIVATION
+    elif tr.all_stopped(a.units):
+      a = ACTIVATION
+    else:
+      tr.stop(a.units, "multiplied by another scaled value")
+      tr.stop(b.units, "multiplied by another scaled value")
+      return [None]
   if not isinstance(a, Scaled) and not isinstance(b, Scaled):
     views = [t for t in tags if isinstance(t, ParamView)]
     index = _broadcast_to(views[0].index, out_shape) if len(views) == 1 else None
