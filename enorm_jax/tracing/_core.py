@@ -86,15 +86,22 @@ class TraceState:
     self.stopped: dict[int, str] = {}
     self.tainted: dict[str, str] = {}
     self._location = ""
+    self._where = "an unknown location"
+
+  @property
+  def where(self) -> str:
+    """The source line of the equation being interpreted."""
+    return self._where
 
   @contextlib.contextmanager
   def visiting(self, primitive: str, where: str) -> Iterator[None]:
     """Events recorded inside name this equation: ``[primitive] at where``."""
-    saved, self._location = self._location, f"[{primitive}] at {where}"
+    saved = self._location, self._where
+    self._location, self._where = f"[{primitive}] at {where}", where
     try:
       yield
     finally:
-      self._location = saved
+      self._location, self._where = saved
 
   # --- units -------------------------------------------------------------
   def new_units(self, n: int, producer: str) -> np.ndarray:

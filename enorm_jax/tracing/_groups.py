@@ -124,6 +124,8 @@ def _candidate_views(shape):
   shape = tuple(shape)
   for a in range(len(shape)):
     yield None, (a,)
+  for count in (2, 3):  # several whole axes, e.g. (layer, feature) of stacked layers
+    yield from ((None, axes) for axes in itertools.combinations(range(len(shape)), count))
   for a in range(len(shape)):
     for outer in _divisors(shape[a]):
       for inner in _divisors(shape[a] // outer):

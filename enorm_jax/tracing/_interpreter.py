@@ -104,8 +104,9 @@ def _equation(tr: TraceState, eqn, tags: list, where: str) -> list:
       except Exception:  # pylint: disable=broad-except  (an unknown constant is fine)
         pass
     return outs
-  sub, rule = _sub_jaxpr(eqn), rule_for(eqn.primitive.name)
-  if sub is not None and rule is None:
+  rule = rule_for(eqn.primitive.name)
+  sub = _sub_jaxpr(eqn) if rule is None else None
+  if sub is not None:
     outs = interpret(tr, sub, tags, where)
   elif rule is None:
     taint_all(tr, tags, f"pass through {eqn.primitive.name}, which has no tracer rule")

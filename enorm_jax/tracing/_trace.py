@@ -23,7 +23,7 @@ from enorm_jax import _paths
 from enorm_jax._resolve import resolve_entry
 from enorm_jax.check import groups_changing_the_function
 from enorm_jax.graph import RescalingGraph
-from enorm_jax.tracing import _contractions, _rules  # noqa: F401  (register the rules)
+from enorm_jax.tracing import _contractions, _control, _rules  # noqa: F401  (the rules)
 from enorm_jax.tracing._core import ACTIVATION, ParamView, Scaled, TraceState
 from enorm_jax.tracing._groups import build_graph
 from enorm_jax.tracing._interpreter import interpret
