@@ -5,7 +5,7 @@ r"""Markdown tables and Figure-4-style plots from the CIFAR-10 result files.
 Reads ``cifar10_fc.json`` (60-epoch runs), ``cifar10_fc_search.json`` (the
 shortened learning-rate search), ``cifar10_fc_rate_check.json`` (60-epoch runs at
 the search's second-best rate), the same first two with biases (``*_bias.json``) and
-``cifar10_conv.json`` when present, and writes ``<name>.md`` and ``<name>.png``
+``cifar10_conv.json`` and the Table 2 sweep's two files when present, and writes ``<name>.md`` and ``<name>.png``
 next to each.
 """
 
@@ -207,6 +207,47 @@ def conv_figure(best, path):
   plt.close(fig)
 
 
+TABLE2_METHODS = ("Baseline", "BN", "GN", "ENorm-1", "ENorm-1.2")
+
+
+def table2(search, finals) -> str:
+  """Table 2 on the reduced protocol: per method the searched rates' short-run
+  accuracy, the chosen rate, the mean ± std over seeds, and the difference to the
+  Baseline paired seed by seed (same data order), mean ± std over the seeds both
+  finished."""
+  def acc(r):
+    return None if r.get("val_acc") is None else 100 * r["val_acc"]
+  rates = sorted({r["lr"] for r in search})
+  base = {r["seed"]: acc(r) for r in finals if method_label(r) == "Baseline"}
+  lines = ["### CIFAR-NV at batch 32 without momentum (Table 2), reduced protocol "
+           "(configs/conv_table2.py)", "",
+           "Validation accuracy %; search: the short runs at each rate.", "",
+           "| method | search " + " / ".join(f"{lr:g}" for lr in rates)
+           + " | lr | accuracy | vs Baseline (paired) | seeds |", "|---|---|---|---|---|---|"]
+  for method in TABLE2_METHODS:
+    tried = {r["lr"]: acc(r) for r in search if method_label(r) == method}
+    runs = sorted((r for r in finals if method_label(r) == method), key=lambda r: r["seed"])
+    accs = [acc(r) for r in runs if acc(r) is not None]
+    cells = [" / ".join("div." if tried.get(lr, 0) is None else
+                        f"{tried[lr]:.2f}" if lr in tried else "–" for lr in rates)]
+    cells.append(f"{runs[0]['lr']:g}" if runs else "–")
+    cells.append(_mean_std(accs) if accs else "–")
+    diffs = [acc(r) - base[r["seed"]] for r in runs
+             if acc(r) is not None and base.get(r["seed"]) is not None]
+    cells.append("" if method == "Baseline" or not diffs else _mean_std(diffs, signed=True))
+    seeds = [r["seed"] for r in runs if acc(r) is not None]
+    diverged = len(runs) - len(seeds)
+    cells.append(",".join(map(str, seeds)) + (f" ({diverged} diverged)" if diverged else ""))
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _mean_std(values, signed=False) -> str:
+  sign = "+" if signed else ""
+  text = f"{np.mean(values):{sign}.2f}"
+  return text + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
+
+
 def _write(path, table):
   with open(path, "w") as f:
     f.write(table + "\nMade by `python -m experiments.cifar10.report`.\n")
@@ -228,6 +269,12 @@ def render(d: str) -> None:
     table, best = fc_table(records, title)
     _write(os.path.join(d, f"{name}.md"), table)
     fc_figure(best, os.path.join(d, f"{name}.png"), title)
+    print(table)
+  search = os.path.join(d, "cifar10_conv_table2_search.json")
+  if os.path.exists(search):
+    finals = os.path.join(d, "cifar10_conv_table2.json")
+    table = table2(sweeps.read_results(search), sweeps.read_results(finals))
+    _write(os.path.join(d, "cifar10_conv_table2.md"), table)
     print(table)
   path = os.path.join(d, "cifar10_conv.json")
   if os.path.exists(path):

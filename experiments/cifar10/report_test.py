@@ -107,3 +107,18 @@ def test_readme_fc_tables_match_the_committed_results():
           if s["std"] is not None:
             expected += f" ± {100 * s['std']:.{decimals}f}"
           assert cell.split(" (")[0] == expected, (path.name, method, depth, cell)
+
+
+def test_table2_pairs_each_method_with_the_baseline_seed_by_seed():
+  def run(method, c, lr, seed, acc):
+    return dict(method=method, c=c, lr=lr, seed=seed, val_acc=acc)
+  search = [run("baseline", 1.0, lr, 0, a) for lr, a in ((0.01, 0.5), (0.05, 0.6), (0.1, 0.55))]
+  search += [run("enorm", 1.2, 0.05, 0, 0.61), run("enorm", 1.2, 0.1, 0, None)]
+  finals = [run("baseline", 1.0, 0.05, s, a) for s, a in ((0, 0.70), (1, 0.72), (2, 0.74))]
+  finals += [run("enorm", 1.2, 0.05, s, a) for s, a in ((0, 0.71), (1, 0.74), (2, None))]
+  table = report.table2(search, finals)
+  assert "| Baseline | 50.00 / 60.00 / 55.00 | 0.05 | 72.00 ± 2.00 |  | 0,1,2 |" in table
+  # Paired: +1 and +2 points on seeds 0 and 1; seed 2 diverged.
+  assert "| ENorm-1.2 | – / 61.00 / div. | 0.05 | 72.50 ± 2.12 | +1.50 ± 0.71 | 0,1 (1 diverged) |" \
+      in table
+  assert "| GN | – / – / – | – | – |  |  |" in table
