@@ -107,13 +107,11 @@ def explain_graph(apply_fn: Callable[..., Any], params: Any, *example_args,
     that is not rescalable, with the op and the user's source line that stopped it.
 
   Example:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, enorm_jax
-    >>> mlp = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(2)])
-    >>> params = mlp.init(jax.random.key(0), jnp.ones((1, 4)))['params']
-    >>> report = enorm_jax.explain_graph(lambda p, x: mlp.apply({'params': p}, x), params,
-    ...                                  jnp.ones((1, 4)))
-    >>> report.stopped[0]
-    'layers_0 outputs: pass through tanh, which has no tracer rule [tanh] at ...'
+    >>> import jax.numpy as jnp, enorm_jax
+    >>> params = {'w1': jnp.ones((4, 8)), 'w2': jnp.ones((8, 2))}
+    >>> net = lambda p, x: jnp.tanh(x @ p['w1']) @ p['w2']
+    >>> enorm_jax.explain_graph(net, params, jnp.ones((1, 4))).stopped[0]
+    'w1 outputs: pass through tanh, which has no tracer rule [tanh] at ...'
   """
   paths, leaves, _ = _paths.flatten_with_paths(params)
   shapes = {p: tuple(np.shape(leaf)) for p, leaf in zip(paths, leaves)}
