@@ -91,21 +91,28 @@ def test_factored_adafactor_raises_with_the_alternative():
 
 
 class _Custom:
-  """A transformation with a parameter-copy field of an unknown name."""
+  """A transformation whose state field of an unknown name holds a copy of the params,
+  the last gradients or their squares."""
 
   @staticmethod
-  def make(field):
+  def make(field, holds):
     from typing import NamedTuple
     State = NamedTuple("State", [(field, optax.Params)])
+    value = {"params": lambda g, p: p, "grads": lambda g, p: g,
+             "squares": lambda g, p: g * g}[holds]
     return optax.GradientTransformation(
-        lambda p: State(jax.tree.map(jnp.copy, p)), lambda u, s, p=None: (u, s))
+        lambda p: State(jax.tree.map(jnp.zeros_like, p)),
+        lambda u, s, p=None: (u, State(jax.tree.map(value, u, p))))
 
 
-@pytest.mark.parametrize("field, role", [("anchor_params", "PARAM_COPY"),
-                                         ("velocity", "FIRST_MOMENT"),
-                                         ("grad_sq_ema", "SECOND_MOMENT")])
-def test_unknown_fields_get_a_hint_with_the_likely_role(field, role):
+@pytest.mark.parametrize("field, holds, role", [("anchor", "params", "PARAM_COPY"),
+                                                ("velocity", "grads", "FIRST_MOMENT"),
+                                                ("velocity", "squares", "SECOND_MOMENT"),
+                                                ("grad_sq_ema", "params", "PARAM_COPY")])
+def test_unknown_fields_get_the_role_measured_on_a_probe_step(field, holds, role):
+  """The hint comes from what the field holds, not from its name."""
   params, graph, _, scales = _setup()
-  tx = _Custom.make(field)
+  tx = _Custom.make(field, holds)
+  _, state = tx.update(_grads(params), tx.init(params), params)
   with pytest.raises(ValueError, match=rf"state_roles=\{{'{field}': enorm_jax.{role}\}}"):
-    enorm_jax.rescale_optimizer_state(tx, tx.init(params), params, scales, graph)
+    enorm_jax.rescale_optimizer_state(tx, state, params, scales, graph)

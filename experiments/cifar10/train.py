@@ -64,7 +64,7 @@ def create_setup(config: ml_collections.ConfigDict, total_steps: int) -> methods
                               learning_rate_schedule(config, total_steps))
 
 
-def _evaluate_splits(eval_fn, state, ds, config, mesh, splits) -> dict[str, float]:
+def evaluate_splits(eval_fn, state, ds, config, mesh, splits) -> dict[str, float]:
   trainer.check_batch_size(config.eval_batch_size, mesh)
   return methods.evaluate_splits(eval_fn, state, mesh, {
       s: (lambda s=s: input_pipeline.eval_batches(ds, s, config, config.eval_batch_size))
@@ -96,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   state, metrics = trainer.fit(
       setup.state, train_step=train_fn, batches=batches, mesh=mesh, total_steps=total_steps,
       steps_per_epoch=per_epoch, workdir=workdir,
-      evaluate=lambda s: _evaluate_splits(eval_fn, s, ds, config, mesh, splits),
+      evaluate=lambda s: evaluate_splits(eval_fn, s, ds, config, mesh, splits),
       checkpoint_every_steps=config.checkpoint_every_steps or per_epoch,
       log_every_steps=min(config.log_every_steps, per_epoch),
       eval_every_epochs=config.eval_every_epochs, stop_at_step=config.stop_at_step,
@@ -125,5 +125,5 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
   if state is None:
     raise FileNotFoundError(f"No readable checkpoint in {workdir}/checkpoints.")
   _, eval_fn = methods.make_steps(setup, mesh)
-  metrics = _evaluate_splits(eval_fn, state, ds, config, mesh, [split])
+  metrics = evaluate_splits(eval_fn, state, ds, config, mesh, [split])
   return {"step": int(state.step), **metrics}
