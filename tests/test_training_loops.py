@@ -225,3 +225,24 @@ def test_lookahead_slow_params_move_with_the_fast_ones():
   assert relative_error(mlp_apply(lp.fast, x), reference) < 1e-5
   assert relative_error(mlp_apply(lp.slow, x), reference) < 1e-5
   assert relative_error(lp.fast["Dense_0"]["kernel"], params["Dense_0"]["kernel"]) > 1e-2
+
+
+def test_shard_map_data_parallel_step_with_the_outermost_check():
+  from jax.sharding import Mesh, PartitionSpec as P
+  params, graph, x, y = _problem()
+  tx = enorm_jax.enorm(optax.sgd(1e-2, momentum=0.9), graph)
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+
+  def step(p, s, x, y):
+    updates, s = tx.update(jax.lax.pmean(_grads(p, x, y), "data"), s, p)
+    return optax.apply_updates(p, updates), s
+  sharded = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+                                  out_specs=(P(), P()), check_vma=False))
+  p, s = params, tx.init(params)
+  for _ in range(2):
+    p, s = sharded(p, s, x, y)
+  one, _ = _train(tx, params, x, y, steps=2)
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(one)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(Exception, match="outermost"):
+    jax.block_until_ready(sharded(jax.tree.map(lambda a: a * 1.5, p), s, x, y))
