@@ -2,9 +2,10 @@
 
 A fresh virtual environment gets exactly the declared lower bounds (jaxlib pinned
 with jax) and runs the library tests that reach the most of those packages' APIs:
-the public docstring examples, graphs, NNX recipes, optimizer states and the
-training loops of `tests/test_training_loops.py`. The main run tests the newest
-releases.
+graphs, the NNX recipes and the optax wrapper in the training loops of
+`tests/test_training_loops.py` (vmap, shard_map, lookahead, contrib optimizers,
+bf16). The main run tests the newest releases; the whole suite passed on these
+versions when they were set.
 """
 
 import os
@@ -15,8 +16,7 @@ import sys
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_doctests.py", "tests/test_graph.py", "tests/test_nnx_recipes.py",
-         "tests/test_optimizer_states.py", "tests/test_training_loops.py"]
+TESTS = ["tests/test_graph.py", "tests/test_nnx_recipes.py", "tests/test_training_loops.py"]
 
 
 def declared_minimums() -> dict[str, str]:

@@ -140,7 +140,7 @@ def test_rescaled_momentum_is_gradient_at_balanced_params(net):
   tx = enorm_jax.enorm(optax.sgd(1e-3, momentum=0.9), graph)
   state = tx.init(params)
   grads = jax.grad(loss)(params)
-  _, state = tx.update(grads, state, params)
+  _, state = jax.jit(tx.update)(grads, state, params)
   stepped = optax.apply_updates(params, jax.tree.map(lambda g: -1e-3 * g, grads))
   _, scales = enorm_jax.balance(stepped, graph)
   expected = jax.grad(loss)(enorm_jax.rescale(params, scales, graph))

@@ -72,7 +72,10 @@ def test_evaluation_shards_score_every_example_once(folder, monkeypatch):
   np.testing.assert_array_equal(np.bincount(np.concatenate(labels)), [4] * 10)
 
 
-@pytest.mark.parametrize("method", train.IMAGENET_METHODS)
+# BN, GN and ENorm-Impl also train in the slow seed sweep below (30 seeds each).
+@pytest.mark.parametrize("method", [
+    m if m in ("baseline", "enorm") else pytest.param(m, marks=pytest.mark.slow)
+    for m in train.IMAGENET_METHODS])
 def test_few_steps_of_each_method_on_8_devices(folder, tmp_path, method):
   assert jax.device_count() == 8
   config = config_for(folder, method, num_epochs=1)
@@ -83,6 +86,7 @@ def test_few_steps_of_each_method_on_8_devices(folder, tmp_path, method):
   assert "train_images_per_second" in log and "val_top5" in log
 
 
+@pytest.mark.slow  # learning itself is tested on CIFAR-10 (experiments/cifar10/train_test.py)
 @pytest.mark.parametrize("method", ["baseline", "enorm"])
 def test_loss_decreases_on_tiny_subset(folder, tmp_path, method):
   # Global BatchNorm statistics: the final BN sees 16 examples, not 2 per device.
@@ -96,6 +100,7 @@ def test_loss_decreases_on_tiny_subset(folder, tmp_path, method):
   assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow  # the CIFAR-10 trainer's resume tests cover the shared checkpoint code
 def test_checkpoint_restores_exactly(folder, tmp_path):
   config = config_for(folder, "enorm", num_epochs=1)
   state, _ = train.train_and_evaluate(config, str(tmp_path / "work"))
@@ -104,7 +109,8 @@ def test_checkpoint_restores_exactly(folder, tmp_path):
   chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
 
 
-@pytest.mark.parametrize("bn_scope", ["device", "global"])
+@pytest.mark.parametrize("bn_scope", ["device", pytest.param("global",
+                                                             marks=pytest.mark.slow)])
 def test_enorm_adds_no_collectives(folder, bn_scope):
   """ENorm runs identically on every device: the step with ENorm has exactly the
   collectives of the step without it, apart from one boolean in the error branch
