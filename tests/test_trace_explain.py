@@ -136,3 +136,21 @@ def test_a_recurrent_kernel_is_left_out_with_its_reason():
   assert report.graph.num_units == 0
   assert any(line.startswith("wx outputs: a parameter both produces and consumes")
              for line in report.stopped), report.stopped
+
+
+def test_the_graph_does_not_depend_on_the_example_batch():
+  """A LayerNorm after global pooling reads each gain once per example: with one
+  example its gain is still a per-feature gain (the batch axis is a broadcast)."""
+  class Pooled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(8, (3, 3))(x)).mean((1, 2))
+      return nn.Dense(3)(nn.LayerNorm()(x))
+
+  model = Pooled()
+  params = model.init(jax.random.key(1), jnp.ones((1, 6, 6, 3)))["params"]
+  fn = lambda p, x: model.apply({"params": p}, x)
+  graphs = [enorm_jax.trace_graph(fn, params, jax.random.normal(jax.random.key(0),
+                                                                 (b, 6, 6, 3)))
+            for b in (1, 2, 5)]
+  assert graphs[0] == graphs[1] == graphs[2] and graphs[0].num_units == 8

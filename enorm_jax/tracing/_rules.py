@@ -198,10 +198,14 @@ def _mul(tr, eqn, tags):
   if not isinstance(a, Scaled) and not isinstance(b, Scaled):
     views = [t for t in tags if isinstance(t, ParamView)]
     index = _broadcast_to(views[0].index, out_shape) if len(views) == 1 else None
-    if index is not None and any(t is ACTIVATION for t in tags) and max_reads(index) > 1:
+    broadcast = index is not None and (
+        max_reads(index) > 1 or index.ndim > len(tr.leaf_shapes[views[0].path]))
+    if broadcast and any(t is ACTIVATION for t in tags):
       # A per-feature gain broadcast over an activation's positions (a LayerNorm's
-      # or RMSNorm's scale): each element produces a unit. A gain used once per
-      # element (a BatchNorm's scale folded into its statistics) stays linear.
+      # or RMSNorm's scale), however many positions the example has (one example:
+      # a batch axis of 1): each element produces a unit. A gain used once per
+      # element at its own rank (a BatchNorm's scale folded into its statistics)
+      # stays linear.
       new = _new_units_for_view(tr, views[0].path, index)
       tr.record("producer", ParamView(views[0].path, index), new)
       return [Scaled(new)]
