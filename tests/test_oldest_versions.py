@@ -4,8 +4,7 @@ A fresh virtual environment gets exactly the declared lower bounds (jaxlib pinne
 with jax) and runs the library tests that reach the most of those packages' APIs:
 graphs, the NNX recipes and the optax wrapper in the training loops of
 `tests/test_training_loops.py` (vmap, shard_map, lookahead, contrib optimizers,
-bf16). The main run tests the newest releases; the whole suite passed on these
-versions when they were set.
+bf16). The main run tests the newest releases.
 """
 
 import os
