@@ -183,7 +183,10 @@ def test_tanh_and_layernorm_are_reported():
   x = jnp.ones((1, 4))
   params = model.init(KEY, x)["params"]
   report = enorm_jax.explain_graph(linen_fn(model), params, x)
-  assert report.graph.num_units == 8
+  # The LayerNorm's gain (with its bias) against Dense_2, and Dense_2's outputs;
+  # the same with one example as with many (the batch axis is a broadcast).
+  assert [g.size for g in report.graph] == [8, 8]
+  assert report.graph.groups[0].producers[0].path == "LayerNorm_0/scale"
   text = report.describe()
   assert "Dense_0 outputs" in text and "tanh" in text
   assert "Dense_1 outputs" in text and "square" in text  # LayerNorm's variance

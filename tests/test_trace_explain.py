@@ -55,7 +55,7 @@ def test_every_kernel_is_in_the_graph_or_explained_at_the_users_line():
 
 
 def test_no_rescalable_units_warns_with_the_reasons():
-  model = nn.Sequential([nn.Dense(4), nn.LayerNorm(), nn.Dense(2)])
+  model = nn.Sequential([nn.Dense(4), nn.tanh, nn.Dense(2)])
   x = jnp.ones((1, 3))
   params = model.init(KEY, x)["params"]
   with pytest.warns(UserWarning, match="(?s)no rescalable units.*layers_0 outputs"):
