@@ -1,8 +1,10 @@
 """Layers stacked on a leading axis with `nn.scan` (the MaxText idiom), with and
-without `nn.remat`: each layer's units are its own, in the group structure of the
-unrolled model, with entries ranging over the layer axis."""
+without `nn.remat`, and with `nnx.vmap` + `nnx.scan`: each layer's units are its
+own, in the group structure of the unrolled model, with entries ranging over the
+layer axis."""
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import numpy as np
 import pytest
@@ -55,4 +57,50 @@ def test_stacked_layers_give_the_unrolled_groups(remat):
   np.testing.assert_allclose(fn(balanced, x), fn(params, x), rtol=1e-4, atol=1e-5)
   # Each layer is balanced on its own: the factors differ from layer to layer.
   ratio = balanced["layers"]["up"]["kernel"] / params["layers"]["up"]["kernel"]
+  assert not np.allclose(ratio[0], ratio[1])
+
+
+class NNXBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.norm = nnx.RMSNorm(D, rngs=rngs)
+    self.up = nnx.Linear(D, F, use_bias=False, rngs=rngs)
+    self.down = nnx.Linear(F, D, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.down(nnx.relu(self.up(self.norm(x))))
+
+
+class NNXStack(nnx.Module):
+  """Layers created with `nnx.vmap` and run with `nnx.scan` (the NNX idiom)."""
+
+  def __init__(self, rngs):
+    self.inp = nnx.Linear(6, D, rngs=rngs)
+
+    @nnx.split_rngs(splits=LAYERS)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return NNXBlock(rngs)
+    self.layers = make(rngs)
+    self.final = nnx.RMSNorm(D, rngs=rngs)
+    self.head = nnx.Linear(D, 4, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def step(block, x):
+      return block(x)
+    return self.head(self.final(step(self.layers, self.inp(x))))
+
+
+def test_nnx_vmap_and_scan_stacks_give_the_unrolled_groups():
+  graphdef, state = nnx.split(NNXStack(nnx.Rngs(0)))
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)
+  x = jax.random.normal(jax.random.key(1), (4, 6))
+  graph = enorm_jax.trace_graph(fn, state, x)
+  by_anchor = {g.producers[0].path: g for g in graph}
+  assert by_anchor["layers/up/kernel"].size == LAYERS * F
+  assert by_anchor["layers/norm/scale"].size == LAYERS * D
+  assert graph.num_units == LAYERS * (D + F) + D
+  balanced, _ = enorm_jax.balance(state, graph, cycles=3)
+  np.testing.assert_allclose(fn(balanced, x), fn(state, x), rtol=1e-4, atol=1e-5)
+  ratio = balanced["layers"]["up"]["kernel"].value / state["layers"]["up"]["kernel"].value
   assert not np.allclose(ratio[0], ratio[1])

@@ -62,6 +62,11 @@ def shape_of(var) -> tuple[int, ...]:
   return tuple(var.aval.shape)
 
 
+def is_const(tag, pred) -> bool:
+  """Whether ``tag`` is a known constant for which ``pred`` holds."""
+  return isinstance(tag, np.ndarray) and bool(pred(tag))
+
+
 def max_reads(index: np.ndarray) -> int:
   """How often the most-read leaf element appears in a `ParamView` index (0: none).
 

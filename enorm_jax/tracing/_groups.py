@@ -41,6 +41,7 @@ def build_graph(tr: TraceState, paths: list[str]) -> tuple[RescalingGraph, list[
           signature[r][key] = None
   reasons: dict[str, str] = {}
   valid = {}
+  both_sides: dict[tuple, dict[str, np.ndarray]] = {}
   for root, members in classes.items():
     sig = signature.get(root, {})
     roles = {role for role, _ in sig}
@@ -54,9 +55,10 @@ def build_graph(tr: TraceState, paths: list[str]) -> tuple[RescalingGraph, list[
     if problem is None and not {"producers", "consumers"} <= fields:
       problem = "not read by any later parameterized layer" if "producers" in fields \
           else "not produced by a parameterized layer"
-    if problem is None and any(
-        {_GROUP_FIELD[r] for r, q in sig if q == p} >= {"producers", "consumers"}
-        for p in touched):
+    if problem is None and sig and tuple(sig) not in both_sides:
+      both_sides[tuple(sig)] = _both_sides(sig, leaf_classes)
+    if problem is None and any(root in pairs[pairs[:, 0] == pairs[:, 1], 0]
+                               for pairs in both_sides[tuple(sig)].values()):
       problem = "a parameter both produces and consumes the same units (weight sharing)"
     if problem is None:
       valid[root] = tuple(sig)
@@ -67,17 +69,54 @@ def build_graph(tr: TraceState, paths: list[str]) -> tuple[RescalingGraph, list[
   for root, sig in valid.items():
     by_signature[sig].append(root)
   groups = []
-  for sig, roots in by_signature.items():
-    group, problem = _make_group(sig, set(roots), leaf_classes)
-    anchor = next(p for role, p in sig if role in ("producer", "inverse_consumer"))
-    if group is None:
-      reasons.setdefault(f"{anchor.rsplit('/', 1)[0]} outputs", problem)
-    else:
-      first = min(classes[r][0] for r in roots)
-      groups.append((first, group))
+  for sig, all_roots in by_signature.items():
+    for roots in _independent_sets(all_roots, both_sides[sig]):
+      group, problem = _make_group(sig, set(roots), leaf_classes)
+      anchor = next(p for role, p in sig if role in ("producer", "inverse_consumer"))
+      if group is None:
+        reasons.setdefault(f"{anchor.rsplit('/', 1)[0]} outputs", problem)
+      else:
+        groups.append((min(classes[r][0] for r in roots), group))
   groups.sort(key=lambda g: g[0])
   stopped = [f"{k}: {v}" for k, v in reasons.items()]
   return RescalingGraph(tuple(g for _, g in groups)), stopped
+
+
+def _both_sides(sig, leaf_classes) -> dict[str, np.ndarray]:
+  """Per leaf that ``sig`` reads on both sides (one kernel per layer of a loop over
+  stacked layers, a recurrent kernel): the (producer class, consumer class) pairs
+  of its elements."""
+  out = {}
+  for path in dict.fromkeys(p for _, p in sig):
+    side = {}
+    for role, q in sig:
+      field = _GROUP_FIELD[role]
+      if q == path and field in ("producers", "consumers"):
+        side[field] = np.maximum(side.get(field, UNSCALED), leaf_classes[(role, q)])
+    if len(side) == 2:
+      both = (side["producers"] >= 0) & (side["consumers"] >= 0)
+      out[path] = np.unique(np.stack([side["producers"][both], side["consumers"][both]], 1),
+                            axis=0)
+  return out
+
+
+def _independent_sets(roots: list[int], pairs: dict[str, np.ndarray]) -> list[list[int]]:
+  """``roots`` split so that no element of a leaf read on both sides is rescaled
+  for two classes of one group (those would not be independent coordinates):
+  greedy colouring, in order."""
+  conflicts = collections.defaultdict(set)
+  for p in pairs.values():
+    for a, b in p.tolist():
+      conflicts[a].add(b)
+      conflicts[b].add(a)
+  sets: list[list[int]] = []
+  for r in roots:
+    free = next((s for s in sets if not conflicts[r] & set(s)), None)
+    if free is None:
+      sets.append([r])
+    else:
+      free.append(r)
+  return sets
 
 
 # Trace role -> Group field; "inverse_" roles belong to units tied inverse to their class.
@@ -115,48 +154,90 @@ def _make_group(sig, roots, leaf_classes):
   return Group(len(order), **{f: tuple(e) for f, e in entries.items()}, name=name), None
 
 
-def _divisors(n):
-  return [d for d in range(1, n + 1) if n % d == 0]
+def _prime_factors(n: int) -> list[int]:
+  factors, f = [], 2
+  while f * f <= n:
+    while n % f == 0:
+      factors.append(f)
+      n //= f
+    f += 1
+  return factors + ([n] if n > 1 else [])
 
 
-def _candidate_views(shape):
-  """(view, axes) candidates, from simplest to most general."""
-  shape = tuple(shape)
-  for a in range(len(shape)):
-    yield None, (a,)
-  for count in (2, 3):  # several whole axes, e.g. (layer, feature) of stacked layers
-    yield from ((None, axes) for axes in itertools.combinations(range(len(shape)), count))
-  for a in range(len(shape)):
-    for outer in _divisors(shape[a]):
-      for inner in _divisors(shape[a] // outer):
-        if outer == 1 and inner == 1:
-          continue
-        mid = shape[a] // (outer * inner)
-        yield shape[:a] + (outer, mid, inner) + shape[a + 1:], (a + 1,)
-  for a, b in itertools.permutations(range(len(shape)), 2):
-    for g in _divisors(shape[b])[1:]:
-      view = shape[:b] + (g, shape[b] // g) + shape[b + 1:]
-      a_view = a if a < b else a + 1
-      yield view, (b, a_view)
-  # Units on one axis and the inner part of another, e.g. rotary embeddings' pairs
-  # (d, d + head_dim / 2) sharing one unit per (head, d mod head_dim / 2).
-  for a, b in itertools.permutations(range(len(shape)), 2):
-    for g in _divisors(shape[b])[1:]:
-      view = shape[:b] + (g, shape[b] // g) + shape[b + 1:]
-      a_view = a if a < b else a + 1
-      yield view, tuple(sorted((a_view, b + 1)))
+def _orders(primes: list[int], limit: int = 5040):
+  """The distinct orders of a multiset of primes (at most ``limit`` of them)."""
+  count = 0
+
+  def walk(rest: collections.Counter, prefix: list[int]):
+    nonlocal count
+    if not rest:
+      count += 1
+      yield tuple(prefix)
+      return
+    for p in sorted(rest, reverse=True):
+      if count >= limit:
+        return
+      rest[p] -= 1
+      yield from walk(+rest, prefix + [p])
+      rest[p] += 1
+  yield from walk(collections.Counter(primes), [])
+
+
+def _axis_pieces(signature: np.ndarray) -> list[tuple[int, bool]]:
+  """The coarsest row-major split of one axis into factors along which the unit
+  either changes somewhere (True) or never does (False).
+
+  ``signature[i]`` identifies everything at index ``i`` of the axis, so a factor
+  is constant exactly where the signature is. The axis's prime factors are tried
+  in every order: the one with the largest constant part wins (a varying factor
+  may hide a constant one in another order), then the one with fewest factors.
+  """
+  best = None
+  for order in _orders(_prime_factors(len(signature))):
+    pieces: list[list] = []
+    for t, prime in enumerate(order):
+      view = (int(np.prod(order[:t])), prime, int(np.prod(order[t + 1:])))
+      varies = bool((np.diff(signature.reshape(view), axis=1) != 0).any())
+      if pieces and pieces[-1][1] == varies:
+        pieces[-1][0] *= prime
+      else:
+        pieces.append([prime, varies])
+    key = (-int(np.prod([p for p, varies in pieces if not varies])), len(pieces))
+    if best is None or key < best[0]:
+      best = key, pieces
+  best = best[1] if best else None
+  return [tuple(p) for p in best or [[1, False]]]
+
+
+def _layout(classes: np.ndarray) -> tuple[tuple[int, ...], list[int]]:
+  """The coarsest reshape of ``classes`` in which every axis either varies (the
+  unit changes along it) or not, and the varying axes.
+
+  Rotary pairs (d, d + half), grouped heads (K/V head, group), stacked layers
+  and flattened feature maps (channel, position) all come out of this.
+  """
+  view, varying = [], []
+  for a, size in enumerate(classes.shape):
+    rows = np.moveaxis(classes, a, 0).reshape(size, -1)
+    signature = np.unique(rows, axis=0, return_inverse=True)[1].ravel()
+    for piece, varies in _axis_pieces(signature):
+      if varies:
+        varying.append(len(view))
+      view.append(piece)
+  return tuple(view), varying
 
 
 def _fit_entries(path, classes, n):
   """Each `Entry` (with its unit sequence) that reproduces ``classes`` (element ->
-  class or -1), simplest first."""
-  for view, axes in _candidate_views(classes.shape):
-    v = classes if view is None else classes.reshape(view)
-    rest = [d for d in range(v.ndim) if d not in axes]
+  class or -1), the plainest first: the varying axes of `_layout` in every order."""
+  view, varying = _layout(classes)
+  if not varying or len(varying) > 5:
+    return
+  v = classes.reshape(view)
+  rest = [d for d in range(v.ndim) if d not in varying]
+  for axes in itertools.permutations(varying):
     moved = np.transpose(v, list(axes) + rest).reshape(
         int(np.prod([v.shape[a] for a in axes])), -1)
-    if (moved.min(axis=1) != moved.max(axis=1)).any():
-      continue
     seq = moved[:, 0]
     inside = np.nonzero(seq >= 0)[0]
     if len(inside) != n or inside[-1] - inside[0] + 1 != n:
@@ -164,5 +245,6 @@ def _fit_entries(path, classes, n):
     sequence = seq[inside[0]:inside[-1] + 1].tolist()
     if len(set(sequence)) != n:
       continue
-    axis = axes[0] if len(axes) == 1 else axes
-    yield Entry(path, axis, view=view, offset=int(inside[0])), sequence
+    entry_view = None if view == tuple(classes.shape) else view
+    axis = axes[0] if len(axes) == 1 else tuple(axes)
+    yield Entry(path, axis, view=entry_view, offset=int(inside[0])), sequence

@@ -32,6 +32,12 @@ def _sub_jaxpr(eqn):
   return None
 
 
+def _has_jaxprs(eqn) -> bool:
+  """Whether an equation carries sub-jaxprs (a call, a loop, a branch)."""
+  values = [v for p in eqn.params.values() for v in (p if isinstance(p, tuple) else (p,))]
+  return any(isinstance(v, (jcore.ClosedJaxpr, jcore.Jaxpr)) for v in values)
+
+
 _LIBRARY_DIRS = tuple(f"{os.sep}{name}{os.sep}" for name in (
     "jax", "jaxlib", "flax", "optax", "enorm_jax", "chex", "numpy"))
 
@@ -62,6 +68,9 @@ def _where(eqn, outer: str) -> str:
   if user is None:
     return fmt(inner) if inner is not None else outer
   return fmt(user) + (f", inside {fmt(inner)}" if inner is not None else "")
+
+
+MAX_FOLDED = 1 << 16  # constants computed from literals up to this many elements
 
 
 def interpret(tr: TraceState, jaxpr, in_tags: list,
@@ -97,8 +106,8 @@ def _equation(tr: TraceState, eqn, tags: list, where: str) -> list:
   """The output tags of one equation."""
   if not any(isinstance(t, (Scaled, ParamView)) for t in tags):
     outs = [ACTIVATION if any(t is ACTIVATION for t in tags) else None] * len(eqn.outvars)
-    if all(isinstance(t, np.ndarray) for t in tags) and eqn.primitive.name in (
-        "broadcast_in_dim", "convert_element_type", "reshape"):
+    if (all(isinstance(t, np.ndarray) for t in tags) and not _has_jaxprs(eqn)
+        and sum(np.prod(v.aval.shape, dtype=int) for v in eqn.outvars) <= MAX_FOLDED):
       try:
         outs = [np.asarray(eqn.primitive.bind(*tags, **eqn.params))]
       except Exception:  # pylint: disable=broad-except  (an unknown constant is fine)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from enorm_jax.tracing._core import (ACTIVATION, UNSCALED, ParamView, Scaled, TraceStop,
-                                     max_reads, rule, shape_of, taint_all)
+                                     is_const, max_reads, rule, shape_of,
+                                     taint_all)
 
 
 def _same_transform(fn):
@@ -67,6 +68,22 @@ for _name, _fn in (("reshape", _reshape), ("transpose", _transpose),
   rule(_name)(_same_transform(_fn))
 
 
+@rule("dynamic_slice")
+def _dynamic_slice(tr, eqn, tags):
+  """``x[i]`` at a known position (a loop counter of a ``fori_loop`` over layers)."""
+  t, starts = tags[0], tags[1:]
+  if not isinstance(t, (Scaled, ParamView)):
+    return [None]
+  if not all(isinstance(s, np.ndarray) for s in starts):
+    raise TraceStop("sliced at a position the tracer cannot follow")
+  shape, sizes = shape_of(eqn.invars[0]), eqn.params["slice_sizes"]
+  window = tuple(slice(int(np.clip(int(s), 0, n - k)), int(np.clip(int(s), 0, n - k)) + k)
+                 for s, n, k in zip(starts, shape, sizes))
+  if isinstance(t, Scaled):
+    return [Scaled(t.units[window])]
+  return [ParamView(t.path, t.index[window])]
+
+
 @rule("split")
 def _split(tr, eqn, tags):
   """``jnp.split``: consecutive slices along one axis, one output each."""
@@ -94,7 +111,7 @@ def _identity(tr, eqn, tags):
 @rule("pad")
 def _pad(tr, eqn, tags):
   t, value = tags
-  if isinstance(t, Scaled) and not _is_const(value, lambda v: np.all((v == 0) | np.isinf(v))):
+  if isinstance(t, Scaled) and not is_const(value, lambda v: np.all((v == 0) | np.isinf(v))):
     raise TraceStop("pad with a non-zero value")
   config = eqn.params["padding_config"]
   def fn(a, fill):
@@ -136,8 +153,36 @@ def _concatenate(tr, eqn, tags):
   return [Scaled(np.concatenate(parts, axis=axis))]
 
 
-def _is_const(tag, pred) -> bool:
-  return isinstance(tag, np.ndarray) and bool(pred(tag))
+@rule("stack")
+def _stack(tr, eqn, tags):
+  """``jnp.stack``: a concatenation along a new axis."""
+  axis = eqn.params["axis"]
+  if not any(isinstance(t, (Scaled, ParamView)) for t in tags):
+    return [None]
+  for t in tags:
+    if isinstance(t, ParamView):
+      tr.taint(t.path, "stacked with other values")
+  parts = [t.units if isinstance(t, Scaled) else np.full(shape_of(v), UNSCALED, np.int64)
+           for t, v in zip(tags, eqn.invars)]
+  return [Scaled(np.stack(parts, axis=axis))]
+
+
+@rule("complex")
+def _complex(tr, eqn, tags):
+  """``lax.complex(re, im)``: linear, so its parts must scale alike (complex rotary
+  embeddings pair element 2i with 2i + 1 this way)."""
+  if any(isinstance(t, ParamView) for t in tags) or not any(
+      isinstance(t, Scaled) for t in tags):
+    return taint_all(tr, tags, "made complex")
+  return _add(tr, eqn, tags)
+
+
+@rule("real", "imag", "conj")
+def _complex_part(tr, eqn, tags):
+  t = tags[0]
+  if isinstance(t, ParamView):
+    return taint_all(tr, tags, eqn.primitive.name)
+  return [t if isinstance(t, Scaled) else None]
 
 
 def _broadcast_to(a, shape):
@@ -174,7 +219,7 @@ def _add(tr, eqn, tags):
       tr.taint(other.path, "added to unscaled positions as well")
     tr.record(role, ParamView(other.path, index), units)
     return [Scaled(units)]
-  if _is_const(other, lambda v: np.all(v == 0)):
+  if is_const(other, lambda v: np.all(v == 0)):
     return [Scaled(units)]
   tr.stop(units, "added to a value that does not scale with it")
   return [None]
@@ -273,7 +318,7 @@ def _max(tr, eqn, tags):
     return [Scaled(np.where(both, ua, UNSCALED))]
   if isinstance(a, Scaled) or isinstance(b, Scaled):
     scaled, other = (a, b) if isinstance(a, Scaled) else (b, a)
-    if _is_const(other, lambda v: np.all(v == 0)):  # relu
+    if is_const(other, lambda v: np.all(v == 0)):  # relu
       return [Scaled(_broadcast_to(scaled.units, out_shape))]
     tr.stop(scaled.units, f"{eqn.primitive.name} with a non-zero threshold")
     return [None]
@@ -285,7 +330,7 @@ def _compare(tr, eqn, tags):
   a, b = tags
   if isinstance(a, Scaled) or isinstance(b, Scaled):
     scaled, other = (a, b) if isinstance(a, Scaled) else (b, a)
-    if isinstance(other, Scaled) or _is_const(other, lambda v: np.all(v == 0)):
+    if isinstance(other, Scaled) or is_const(other, lambda v: np.all(v == 0)):
       if isinstance(other, Scaled):
         tr.union(*[np.broadcast_arrays(scaled.units, other.units)[i] for i in (0, 1)])
       return [None]  # the sign of a scaled value does not change: invariant
@@ -311,7 +356,7 @@ def _select(tr, eqn, tags):
   ref = next(u for u in units if u is not None)
   for c, u in zip(cases, units):
     if u is None:
-      if not _is_const(c, lambda v: np.all(v == 0)):
+      if not is_const(c, lambda v: np.all(v == 0)):
         tr.stop(ref, "selected against a value that does not scale with it")
         return [None]
     else:
