@@ -1,12 +1,15 @@
-r"""Training-step cost of ENorm on the tiny-Shakespeare transformer, side by side.
+r"""Training-step cost of ENorm on the tiny-Shakespeare decoders, side by side.
 
-    python -m benchmarks.lm_step [--quick] [--json PATH]
+    python -m benchmarks.lm_step [--quick] [--json PATH] [--architectures gpt,llama]
 
 The experiment's own jitted step (`experiments.tinyshakespeare.train`) at its
-default config (4 layers, width 128, batch 32 x 128 characters), one device:
-AdamW, ``enorm(AdamW)`` on every traced group, and on the MLP groups only.
-Overheads are fractions of AdamW's median step time, all variants timed in
-alternation (one step of each per round).
+default config (4 layers, width 128, batch 32 x 128 characters), one device, for
+the GPT-style and the Llama-style model: AdamW, ``enorm(AdamW)`` on every traced
+group, on the MLP groups only, on the others (attention and norms), and on every
+group with ``check_applied=False``. Beside them, in the same rounds: one
+`balance` cycle on every group (params donated) and the floor, a jitted pass
+that reads and writes every parameter once. Overheads are fractions of AdamW's
+median step time, every variant timed in alternation (one call of each per round).
 """
 
 from __future__ import annotations
@@ -15,32 +18,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import enorm_jax
 from benchmarks import _common
 from experiments.common import trainer
 from experiments.tinyshakespeare import train
 from experiments.tinyshakespeare.configs import default
 
 VOCAB_SIZE = 65  # tiny Shakespeare's characters
+UNCHECKED = "enorm_unchecked"
 
 
-def variant_step(method: str, mesh, batch):
-  """``(step, state)`` for `_common.interleaved_ms`, and the number of rescaled units."""
+def variant_step(architecture: str, method: str, mesh, batch):
+  """``(step, state)`` for `_common.interleaved_ms`, and the graph (None for AdamW)."""
   config = default.get_config()
-  config.method = method
+  config.architecture = architecture
+  config.method = "enorm" if method == UNCHECKED else method
   model = train.create_model(config, VOCAB_SIZE)
   params = model.init(jax.random.key(0), jnp.zeros((1, config.context), jnp.int32))["params"]
   graph = train.rescaling_graph(model, params, config) if method != "adamw" else None
   tx = train.create_optimizer(config, graph)
+  if method == UNCHECKED:
+    adamw = train.create_optimizer(default.get_config(), None)
+    tx = enorm_jax.enorm(adamw, graph, c=config.c, check_applied=False)
   state = trainer.TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
                              opt_state=tx.init(params))
   train_step, _ = train.make_steps(model, tx, mesh)
   return (lambda s: train_step(s, batch)[0], jax.device_put(state, trainer.replicated(mesh))
-          ), graph.num_units if graph is not None else 0
+          ), graph
 
 
 def main():
   parser = _common.parser(__doc__)
   parser.add_argument("--reps", type=int, default=0, help="timed repetitions per variant")
+  parser.add_argument("--architectures", default="gpt,llama")
   args = parser.parse_args()
   reps = args.reps or (3 if args.quick else 15)
   config = default.get_config()
@@ -48,16 +58,29 @@ def main():
   tokens = np.random.default_rng(0).integers(0, VOCAB_SIZE, (config.batch_size,
                                                              config.context + 1))
   batch = trainer.shard_batch({"tokens": tokens.astype(np.int32)}, mesh)
-  steps, units = {}, {}
-  for method in train.METHODS:
-    steps[method], units[method] = variant_step(method, mesh, batch)
-  ms = _common.interleaved_ms(steps, reps)
-  record = dict(model="DecoderLM-4x128", batch_size=config.batch_size, context=config.context,
-                reps=reps, **{f"{m}_ms": ms[m] for m in train.METHODS},
-                **{f"{m}_units": units[m] for m in train.METHODS[1:]},
-                **{f"{m}_overhead": ms[m] / ms["adamw"] - 1 for m in train.METHODS[1:]})
-  _common.emit([record], ["model", "adamw_ms", "enorm_ms", "enorm_overhead", "enorm_units",
-                          "enorm_mlp_ms", "enorm_mlp_overhead", "enorm_mlp_units"], args.json)
+  methods = list(train.METHODS) + [UNCHECKED]
+  records = []
+  for architecture in args.architectures.split(","):
+    steps, graphs = {}, {}
+    for method in methods:
+      steps[method], graphs[method] = variant_step(architecture, method, mesh, batch)
+    params = jax.tree.map(jnp.copy, steps["adamw"][1].params)
+    graph = graphs["enorm"]
+    steps["cycle"] = (jax.jit(lambda p: enorm_jax.balance(p, graph)[0], donate_argnums=0),
+                      params)
+    steps["floor"] = (jax.jit(lambda p: jax.tree.map(lambda w: w * 1.0001, p),
+                              donate_argnums=0), jax.tree.map(jnp.copy, params))
+    ms = _common.interleaved_ms(steps, reps)
+    record = dict(model=architecture, reps=reps, adamw_ms=ms["adamw"], cycle_ms=ms["cycle"],
+                  floor_ms=ms["floor"], cycle_share=ms["cycle"] / ms["adamw"],
+                  cycle_floor_ratio=ms["cycle"] / ms["floor"])
+    for m in methods[1:]:
+      record[f"{m}_ms"] = ms[m]
+      record[f"{m}_units"] = graphs[m].num_units
+      record[f"{m}_overhead"] = ms[m] / ms["adamw"] - 1
+    records.append(record)
+  _common.emit(records, ["model", "adamw_ms", "cycle_share", "cycle_floor_ratio"]
+               + [f"{m}_overhead" for m in methods[1:]], args.json)
 
 
 if __name__ == "__main__":

@@ -154,3 +154,35 @@ def test_the_graph_does_not_depend_on_the_example_batch():
                                                                  (b, 6, 6, 3)))
             for b in (1, 2, 5)]
   assert graphs[0] == graphs[1] == graphs[2] and graphs[0].num_units == 8
+
+
+class ConvNeXtBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    h = nn.Conv(dim, (7, 7), padding="SAME", feature_group_count=dim, name="dw")(x)
+    h = nn.LayerNorm(epsilon=1e-6, name="norm")(h)
+    h = nn.Dense(dim, name="pw2")(nn.gelu(nn.Dense(4 * dim, name="pw1")(h)))
+    return x + self.param("gamma", nn.initializers.constant(1e-6), (dim,)) * h
+
+
+class ConvNeXt(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm(epsilon=1e-6, name="stem_norm")(nn.Conv(16, (4, 4), strides=(4, 4))(x))
+    x = ConvNeXtBlock(name="block1")(ConvNeXtBlock(name="block0")(x))
+    return nn.Dense(10, name="head")(nn.LayerNorm(name="final_norm")(x.mean(axis=(1, 2))))
+
+
+def test_a_convnext_gives_the_same_units_at_batch_1_and_2():
+  """Per block: the norm's gain against pw1's rows, pw2's outputs against the layer
+  scale; then the final norm against the head: 5 x 16 units at any batch."""
+  model, x = ConvNeXt(), jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  fn = lambda p, x: model.apply({"params": p}, x)
+  one, two = (enorm_jax.trace_graph(fn, params, x[:b]) for b in (1, 2))
+  assert one == two and one.num_units == 80
+  assert [e.path for g in one for e in g.consumers] == [
+      "block0/pw1/kernel", "block0/gamma", "block1/pw1/kernel", "block1/gamma", "head/kernel"]
+  balanced, _ = enorm_jax.balance(params, one, cycles=3)
+  np.testing.assert_allclose(fn(balanced, x), fn(params, x), rtol=1e-4, atol=1e-5)

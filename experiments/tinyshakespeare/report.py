@@ -18,10 +18,13 @@ from experiments.common import sweeps
 from experiments.tinyshakespeare import sweep
 
 LABELS = {"adamw": "AdamW", "enorm": "ENorm(AdamW), all groups",
-          "enorm_mlp": "ENorm(AdamW), MLP only"}
+          "enorm_mlp": "ENorm(AdamW), MLP only", "enorm_attn": "ENorm(AdamW), attention + norms"}
+TITLES = {"gpt": "GPT-style (LayerNorm, ReLU MLP)",
+          "llama": "Llama-style (RMSNorm, RoPE, GQA, SwiGLU, nn.scan)"}
 
 
-def search_table(records) -> str:
+def search_table(records, arch: str = "gpt") -> str:
+  records = [r for r in records if sweep.is_main(r, arch)]
   lrs = sorted({r["lr"] for r in records})
   lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
            "|---|" + "---|" * len(lrs)]
@@ -34,21 +37,27 @@ def search_table(records) -> str:
       elif found[0]["val_loss"] is None:
         cells.append("diverged")
       else:
-        best = " **best**" if lr == sweep.best_rate(records, method) else ""
+        best = " **best**" if lr == sweep.best_rate(records, method, arch) else ""
         cells.append(f"{found[0]['val_loss']:.3f}{best}")
     lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def final_rows(records) -> list[dict]:
-  """Per method: its rate, seeds, final validation loss mean ± std, diverged count."""
+def final_rows(records, arch: str = "gpt") -> list[dict]:
+  """Per method (and control): its rate, seeds, final validation loss mean ± std,
+  diverged count."""
   rows = []
-  for method in sweep.METHODS:
-    runs = [r for r in records if r["method"] == method]
+  wd = sweep.default.get_config().weight_decay
+  variants = [(m, 1.0, wd) for m in sweep.METHODS] + [
+      ("adamw", 1.0, 0.0), ("enorm", 1.0, 0.0), ("enorm", sweep.CONTROL_C, wd)]
+  for method, c, decay in variants:
+    runs = [r for r in records if r["method"] == method and r["c"] == c
+            and sweep.field(r, "weight_decay") == decay
+            and sweep.field(r, "architecture") == arch]
     if not runs:
       continue
     losses = [r["val_loss"] for r in runs if r["val_loss"] is not None]
-    rows.append(dict(method=method, lr=runs[0]["lr"], seeds=len(runs),
+    rows.append(dict(method=method, c=c, weight_decay=decay, lr=runs[0]["lr"], seeds=len(runs),
                      diverged=len(runs) - len(losses),
                      mean=float(np.mean(losses)) if losses else None,
                      std=float(np.std(losses, ddof=1)) if len(losses) > 1 else None,
@@ -56,29 +65,35 @@ def final_rows(records) -> list[dict]:
   return rows
 
 
-def paired_difference(records, method) -> str:
-  """Mean ± std over seeds of (method - AdamW) with the same seed (init and data order)."""
-  loss = {(r["method"], r["seed"]): r["val_loss"] for r in records}
-  diffs = [loss[(method, s)] - loss[("adamw", s)] for m, s in loss
-           if m == method and loss[(m, s)] is not None and loss.get(("adamw", s)) is not None]
-  if method == "adamw" or not diffs:
+def paired_difference(records, row, arch: str = "gpt") -> str:
+  """Mean ± std over seeds of (row - AdamW at the row's weight decay) with the same
+  seed (init and data order)."""
+  loss = {(r["method"], r["c"], sweep.field(r, "weight_decay"), r["seed"]): r["val_loss"]
+          for r in records if sweep.field(r, "architecture") == arch}
+  key = (row["method"], row["c"], row["weight_decay"])
+  diffs = [v - loss[("adamw", 1.0, key[2], k[3])] for k, v in loss.items()
+           if k[:3] == key and v is not None
+           and loss.get(("adamw", 1.0, key[2], k[3])) is not None]
+  if row["method"] == "adamw" or not diffs:
     return "–"
   spread = f" ± {np.std(diffs, ddof=1):.4f}" if len(diffs) > 1 else ""
   return f"{np.mean(diffs):+.4f}{spread} (n={len(diffs)})"
 
 
-def final_table(records) -> str:
-  lines = ["| method | lr | rescaled units | seeds | final validation loss (nats/char) "
-           "| minus AdamW, same seed |", "|---|---|---|---|---|---|"]
-  for row in final_rows(records):
+def final_table(records, arch: str = "gpt") -> str:
+  lines = ["| method | c | weight decay | lr | rescaled units | seeds "
+           "| final validation loss (nats/char) | minus AdamW, same seed |",
+           "|---|---|---|---|---|---|---|---|"]
+  for row in final_rows(records, arch):
     if row["mean"] is None:
       loss = "diverged"
     else:
       loss = f"{row['mean']:.4f}" + (f" ± {row['std']:.4f}" if row["std"] is not None else "")
       if row["diverged"]:
         loss += f" ({row['diverged']} diverged)"
-    lines.append(f"| {LABELS[row['method']]} | {row['lr']:g} | {row['units']} | "
-                 f"{row['seeds']} | {loss} | {paired_difference(records, row['method'])} |")
+    lines.append(f"| {LABELS[row['method']]} | {row['c']:g} | {row['weight_decay']:g} | "
+                 f"{row['lr']:g} | {row['units']} | {row['seeds']} | {loss} | "
+                 f"{paired_difference(records, row, arch)} |")
   return "\n".join(lines)
 
 
@@ -86,28 +101,32 @@ def figure(search, finals, path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, (curves, rates) = plt.subplots(1, 2, figsize=(11, 4))
-  for method in sweep.METHODS:
-    runs = [r for r in finals if r["method"] == method and r["val_loss"] is not None]
-    if runs:
-      steps = [s for s, _ in runs[0]["curve"]]
-      losses = np.array([[v for _, v in r["curve"]] for r in runs
-                         if [s for s, _ in r["curve"]] == steps])
-      mean, std = losses.mean(0), losses.std(0)
-      curves.plot(steps, mean, label=f"{LABELS[method]} (lr {runs[0]['lr']:g}, "
-                  f"{len(losses)} seeds)")
-      curves.fill_between(steps, mean - std, mean + std, alpha=0.25)
-    done = sorted((r["lr"], r["val_loss"]) for r in search
-                  if r["method"] == method and r["val_loss"] is not None)
-    if done:
-      rates.plot(*zip(*done), marker="o", label=LABELS[method])
-  curves.set(xlabel="step", ylabel="validation loss (nats/char)", ylim=(None, 2.6),
-             title="Full runs: mean ± std over seeds")
-  rates.set(xscale="log", xlabel="peak learning rate", ylabel="validation loss",
-            title=f"Learning-rate search ({sweep.SEARCH_STEPS} steps)")
-  for ax in (curves, rates):
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+  archs = [a for a in sweep.ARCHITECTURES
+           if any(sweep.field(r, "architecture") == a for r in search + finals)] or ["gpt"]
+  fig, axes = plt.subplots(len(archs), 2, figsize=(11, 4 * len(archs)), squeeze=False)
+  for arch, (curves, rates) in zip(archs, axes):
+    for method in sweep.METHODS:
+      runs = [r for r in finals if r["method"] == method and r["val_loss"] is not None
+              and sweep.is_main(r, arch)]
+      if runs:
+        steps = [s for s, _ in runs[0]["curve"]]
+        losses = np.array([[v for _, v in r["curve"]] for r in runs
+                           if [s for s, _ in r["curve"]] == steps])
+        mean, std = losses.mean(0), losses.std(0)
+        curves.plot(steps, mean, label=f"{LABELS[method]} (lr {runs[0]['lr']:g}, "
+                    f"{len(losses)} seeds)")
+        curves.fill_between(steps, mean - std, mean + std, alpha=0.25)
+      done = sorted((r["lr"], r["val_loss"]) for r in search if r["method"] == method
+                    and r["val_loss"] is not None and sweep.is_main(r, arch))
+      if done:
+        rates.plot(*zip(*done), marker="o", label=LABELS[method])
+    curves.set(xlabel="step", ylabel="validation loss (nats/char)", ylim=(None, 2.6),
+               title=f"{TITLES[arch]}: mean ± std over seeds")
+    rates.set(xscale="log", xlabel="peak learning rate", ylabel="validation loss",
+              title=f"Learning-rate search ({sweep.SEARCH_STEPS} steps)")
+    for ax in (curves, rates):
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -116,11 +135,16 @@ def figure(search, finals, path) -> None:
 def render(results_dir: str) -> str:
   search = sweeps.read_results(os.path.join(results_dir, sweep.SEARCH_FILE))
   finals = sweeps.read_results(os.path.join(results_dir, sweep.FINAL_FILE))
-  text = ("## Tiny Shakespeare: AdamW against ENorm(AdamW)\n\n"
-          f"Learning-rate search, seed 0, {sweep.SEARCH_STEPS} steps "
-          "(final validation loss, nats per character):\n\n" + search_table(search) +
-          "\n\nFull runs at each method's best rate:\n\n" + final_table(finals) +
-          "\n\nMade by `python -m experiments.tinyshakespeare.report`.\n")
+  text = "## Tiny Shakespeare: AdamW against ENorm(AdamW)\n"
+  for arch in sweep.ARCHITECTURES:
+    if not any(sweep.field(r, "architecture") == arch for r in search + finals):
+      continue
+    text += (f"\n### {TITLES[arch]}\n\n"
+             f"Learning-rate search, seed 0, {sweep.SEARCH_STEPS} steps "
+             "(final validation loss, nats per character):\n\n" + search_table(search, arch) +
+             "\n\nFull runs at each method's best rate, then the controls (no weight "
+             "decay; c = 1.2):\n\n" + final_table(finals, arch) + "\n")
+  text += "\nMade by `python -m experiments.tinyshakespeare.report`.\n"
   with open(os.path.join(results_dir, "tinyshakespeare.md"), "w") as f:
     f.write(text)
   figure(search, finals, os.path.join(results_dir, "tinyshakespeare.png"))

@@ -21,8 +21,18 @@ def test_render_writes_tables_and_figure(tmp_path):
   text = report.render(str(tmp_path))
   assert "| AdamW | 2.000 | 1.900 **best** |" in text
   assert "| ENorm(AdamW), all groups | 2.100 **best** | diverged |" in text
-  assert "| AdamW | 0.01 | 0 | 2 | 1.5500 ± 0.0707 | – |" in text
-  assert ("| ENorm(AdamW), all groups | 0.001 | 64 | 2 | 1.7000 (1 diverged) "
+  assert "| AdamW | 1 | 0.1 | 0.01 | 0 | 2 | 1.5500 ± 0.0707 | – |" in text
+  assert ("| ENorm(AdamW), all groups | 1 | 0.1 | 0.001 | 64 | 2 | 1.7000 (1 diverged) "
           "| +0.1000 (n=1) |") in text
+  assert "### GPT-style" in text and "### Llama-style" not in text
   assert (tmp_path / "tinyshakespeare.png").stat().st_size > 0
+  # Controls (no weight decay, paired with AdamW without it) and the second model.
+  finals += [dict(_run(m, 1e-3, loss, 0, 1000), weight_decay=0.0)
+             for m, loss in (("adamw", 1.6), ("enorm", 1.55))]
+  finals += [dict(_run("adamw", 3e-3, 1.4, 0, 1000), architecture="llama")]
+  (tmp_path / sweep.FINAL_FILE).write_text(json.dumps(finals))
+  text = report.render(str(tmp_path))
+  assert ("| ENorm(AdamW), all groups | 1 | 0 | 0.001 | 64 | 1 | 1.5500 | -0.0500 (n=1) |"
+          in text)
+  assert "### Llama-style" in text and "| AdamW | 1 | 0.1 | 0.003 | 0 | 1 | 1.4000 | – |" in text
   assert (tmp_path / "tinyshakespeare.md").read_text() == text

@@ -2,10 +2,12 @@ r"""Resumable sweep of the tiny-Shakespeare experiment: AdamW against enorm(Adam
 
     python -m experiments.tinyshakespeare.sweep --data_dir=../shared/data/tinyshakespeare
 
-First a SHORTENED learning-rate search: every method at each rate of `SEARCH_LRS`
-for `SEARCH_STEPS` steps (the same warmup + cosine schedule, compressed). Then the
-full runs (the default config's length) at each method's best rate, for every seed
-of `SEEDS`. Each finished cell appends a record, with its validation-loss curve, to
+For each architecture of `ARCHITECTURES`, first a SHORTENED learning-rate search:
+every method at each rate of `SEARCH_LRS` for `SEARCH_STEPS` steps (the same
+warmup + cosine schedule, compressed). Then the full runs (the default config's
+length) at each method's best rate, for every seed of `SEEDS`. Then the controls
+at the same rates: AdamW and ENorm on every group without weight decay (every
+seed), and ENorm with c = `CONTROL_C` (seed 0). Each finished cell appends a record, with its validation-loss curve, to
 `tinyshakespeare_search.json` or `tinyshakespeare.json`; workers may run in parallel
 (see `experiments.common.sweeps`).
 """
@@ -25,37 +27,61 @@ from experiments.tinyshakespeare import train
 from experiments.tinyshakespeare.configs import default
 
 
+ARCHITECTURES = ("gpt", "llama")
 METHODS = train.METHODS
 SEARCH_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 SEARCH_STEPS = 300
 SEEDS = (0, 1, 2)
-KEY_FIELDS = ("method", "c", "lr", "num_steps", "seed")
+CONTROL_C = 1.2
+KEY_FIELDS = ("architecture", "method", "c", "weight_decay", "lr", "num_steps", "seed")
 SEARCH_FILE, FINAL_FILE = "tinyshakespeare_search.json", "tinyshakespeare.json"
 
 
+def field(record, name):
+  """A record's field; records made before a field existed had the default config's."""
+  config = default.get_config()
+  return record.get(name, config.get(name))
+
+
 def cell_key(record) -> tuple:
-  return tuple(record.get(k) for k in KEY_FIELDS)
+  return tuple(field(record, k) for k in KEY_FIELDS)
 
 
-def best_rate(records, method) -> float | None:
+def is_main(record, architecture: str) -> bool:
+  """Whether ``record`` is a main-protocol run (default c and weight decay) of ``architecture``."""
+  config = default.get_config()
+  return (field(record, "architecture") == architecture and record["c"] == 1.0
+          and field(record, "weight_decay") == config.weight_decay)
+
+
+def best_rate(records, method, architecture: str = "gpt") -> float | None:
   """The rate with the lowest final validation loss (diverged runs never win)."""
-  done = [r for r in records if r["method"] == method and r["val_loss"] is not None]
+  done = [r for r in records if r["method"] == method and r["val_loss"] is not None
+          and is_main(r, architecture)]
   return min(done, key=lambda r: r["val_loss"])["lr"] if done else None
 
 
 def all_cells(results_dir) -> list[tuple[dict, str]]:
-  """(cell, results file) pairs in priority order: the search, then seed by seed."""
-  full_steps = default.get_config().num_steps
+  """(cell, results file) pairs in priority order: per architecture the search, then
+  seed by seed, then the controls."""
+  config = default.get_config()
   search = sweeps.read_results(os.path.join(results_dir, SEARCH_FILE))
-  cells = [(dict(method=m, c=1.0, lr=lr, num_steps=SEARCH_STEPS, seed=0), SEARCH_FILE)
-           for m in METHODS for lr in SEARCH_LRS]
   searched = {cell_key(r) for r in search}
-  for seed in SEEDS:
-    for m in METHODS:
-      if all(cell_key(c) in searched for c, _ in cells[:len(METHODS) * len(SEARCH_LRS)]
-             if c["method"] == m) and best_rate(search, m) is not None:
-        cells.append((dict(method=m, c=1.0, lr=best_rate(search, m),
-                           num_steps=full_steps, seed=seed), FINAL_FILE))
+  cells = []
+  for arch in ARCHITECTURES:
+    base = dict(architecture=arch, c=1.0, weight_decay=config.weight_decay)
+    arch_search = [dict(base, method=m, lr=lr, num_steps=SEARCH_STEPS, seed=0)
+                   for m in METHODS for lr in SEARCH_LRS]
+    cells += [(c, SEARCH_FILE) for c in arch_search]
+    rate = {m: best_rate(search, m, arch) for m in METHODS
+            if all(cell_key(c) in searched for c in arch_search if c["method"] == m)}
+    rate = {m: lr for m, lr in rate.items() if lr is not None}
+    final = lambda m, seed, **kw: (dict(base, method=m, lr=rate[m], num_steps=config.num_steps,
+                                        seed=seed, **kw), FINAL_FILE)
+    cells += [final(m, seed) for seed in SEEDS for m in METHODS if m in rate]
+    cells += [final(m, seed, weight_decay=0.0) for seed in SEEDS
+              for m in ("adamw", "enorm") if m in rate]
+    cells += [final("enorm", SEEDS[0], c=CONTROL_C)] if "enorm" in rate else []
   return cells
 
 
@@ -72,6 +98,8 @@ def make_config(cell, data_dir):
   config = default.get_config()
   config.data_dir = data_dir
   config.method, config.c, config.seed = cell["method"], cell["c"], cell["seed"]
+  config.architecture = field(cell, "architecture")
+  config.weight_decay = field(cell, "weight_decay")
   config.learning_rate = cell["lr"]
   if cell["num_steps"] != config.num_steps:  # compress the schedule's shape
     scale = cell["num_steps"] / config.num_steps
@@ -83,7 +111,7 @@ def make_config(cell, data_dir):
 def cell_workdir(cell, results) -> str:
   stage = os.path.splitext(os.path.basename(results))[0]
   return os.path.join(sweeps.WORKDIR_ROOT.value, stage,
-                      "_".join(f"{k}={cell[k]}" for k in KEY_FIELDS))
+                      "_".join(f"{k}={field(cell, k)}" for k in KEY_FIELDS))
 
 
 def validation_curve(workdir) -> list[list[float]]:

@@ -12,7 +12,8 @@ from experiments.tinyshakespeare.train_test import data_dir, tiny_config  # noqa
 
 def test_finals_wait_for_the_search_and_take_the_best_finite_rate(tmp_path):
   flags.FLAGS(["sweep_test"])
-  search = [c for c, name in sweep.all_cells(str(tmp_path)) if name == sweep.SEARCH_FILE]
+  search = [c for c, name in sweep.all_cells(str(tmp_path))
+            if name == sweep.SEARCH_FILE and c["architecture"] == "gpt"]
   assert len(search) == len(sweep.METHODS) * len(sweep.SEARCH_LRS)
   assert all(name == sweep.SEARCH_FILE for _, name in sweep.all_cells(str(tmp_path)))
   loss = {1e-3: 2.0, 3e-3: 1.8, 1e-2: None, 3e-2: 2.5}  # 1e-2 diverged
@@ -21,8 +22,16 @@ def test_finals_wait_for_the_search_and_take_the_best_finite_rate(tmp_path):
   assert not [c for c, name in sweep.all_cells(str(tmp_path)) if name == sweep.FINAL_FILE]
   (tmp_path / sweep.SEARCH_FILE).write_text(json.dumps(records))
   finals = [c for c, name in sweep.all_cells(str(tmp_path)) if name == sweep.FINAL_FILE]
-  assert [(c["method"], c["lr"], c["seed"]) for c in finals] == [
-      ("enorm", 3e-3, s) for s in sweep.SEEDS]
+  assert [(c["method"], c["lr"], c["seed"], c["weight_decay"], c["c"]) for c in finals] == [
+      ("enorm", 3e-3, s, 0.1, 1.0) for s in sweep.SEEDS] + [
+      ("enorm", 3e-3, s, 0.0, 1.0) for s in sweep.SEEDS] + [
+      ("enorm", 3e-3, 0, 0.1, sweep.CONTROL_C)]
+  # Records made before the architecture and weight-decay fields count as GPT's,
+  # with the default weight decay.
+  old = [{k: v for k, v in r.items() if k not in ("architecture", "weight_decay")}
+         for r in records]
+  (tmp_path / sweep.SEARCH_FILE).write_text(json.dumps(old))
+  assert [c for c, name in sweep.all_cells(str(tmp_path)) if name == sweep.FINAL_FILE] == finals
   assert finals[0]["num_steps"] == sweep.default.get_config().num_steps
   config = sweep.make_config(search[0], "")
   assert (config.num_steps, config.warmup_steps) == (sweep.SEARCH_STEPS, 30)
@@ -32,6 +41,7 @@ def test_finals_wait_for_the_search_and_take_the_best_finite_rate(tmp_path):
 def test_a_whole_sweep_on_generated_text(tmp_path, monkeypatch, data_dir):  # noqa: F811
   flags.FLAGS(["sweep_test", f"--workdir_root={tmp_path / 'work'}", f"--data_dir={data_dir}"])
   monkeypatch.setattr(sweep, "METHODS", ("adamw", "enorm_mlp"))
+  monkeypatch.setattr(sweep, "ARCHITECTURES", ("gpt",))
   monkeypatch.setattr(sweep, "SEARCH_LRS", (1e-3, 1e-2))
   monkeypatch.setattr(sweep, "SEARCH_STEPS", 3)
   monkeypatch.setattr(sweep, "SEEDS", (0, 1))
@@ -42,10 +52,10 @@ def test_a_whole_sweep_on_generated_text(tmp_path, monkeypatch, data_dir):  # no
   while sweeps.run_next_free_cell(lambda: sweep.pending_cells(results), sweep.cell_workdir,
                                   lambda cell, path: sweep.run_cell(cell, path, "abc")):
     ran += 1
-  assert ran == 2 * 2 + 2 * 2
+  assert ran == 2 * 2 + 2 * 2 + 2  # search, finals, AdamW without weight decay
   search = sweeps.read_results(f"{results}/{sweep.SEARCH_FILE}")
   finals = sweeps.read_results(f"{results}/{sweep.FINAL_FILE}")
-  assert len(search) == 4 and len(finals) == 4
+  assert len(search) == 4 and len(finals) == 6
   for r in search:
     assert [step for step, _ in r["curve"]] == [3] and r["curve"][-1][1] == r["val_loss"]
   for r in finals:

@@ -2,8 +2,9 @@
 
 Methods (``config.method``): ``adamw``; ``enorm``: ``enorm_jax.enorm(adamw)`` on
 every group `enorm_jax.trace_graph` finds (norm scales, query/key, value/output,
-MLP hidden units); ``enorm_mlp``: the same on the MLP hidden units only, so that
-the attention and norm symmetries' own effect shows.
+MLP hidden units); ``enorm_mlp``: the same on the MLP hidden units only;
+``enorm_attn``: on every group but those, so that each family's own effect shows.
+Architectures (``config.architecture``): ``gpt`` and ``llama`` (`models`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ from experiments.common import methods, trainer
 from experiments.common.data import prefetch
 from experiments.tinyshakespeare import input_pipeline, models
 
-METHODS = ("adamw", "enorm", "enorm_mlp")
+METHODS = ("adamw", "enorm", "enorm_mlp", "enorm_attn")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   methods.check_method(config, METHODS)
+  if config.architecture not in models.MLP_HIDDEN_KERNELS:
+    raise ValueError(f"config.architecture={config.architecture!r}: expected one of "
+                     f"{sorted(models.MLP_HIDDEN_KERNELS)}.")
+  if config.architecture == "llama" and config.num_heads % config.num_kv_heads:
+    raise ValueError(f"config.num_heads={config.num_heads} must be a multiple of "
+                     f"config.num_kv_heads={config.num_kv_heads}.")
   if config.eval_every_steps < 1:
     raise ValueError("config.eval_every_steps must be >= 1.")
   if not 0 <= config.warmup_steps < config.num_steps:
@@ -35,18 +42,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"[0, num_steps={config.num_steps}).")
 
 
-def create_model(config, vocab_size: int) -> models.DecoderLM:
+def create_model(config, vocab_size: int):
+  if config.architecture == "llama":
+    return models.LlamaLM(vocab_size, config.num_layers, config.width, config.num_heads,
+                          config.num_kv_heads, config.llama_mlp_width)
   return models.DecoderLM(vocab_size, config.num_layers, config.width, config.num_heads,
                           config.mlp_width, config.context)
 
 
 def rescaling_graph(model, params, config) -> enorm_jax.RescalingGraph:
-  """The traced graph (every group), or its MLP groups only for ``enorm_mlp``."""
+  """The traced graph: every group, its MLP groups (``enorm_mlp``) or the others
+  (``enorm_attn``)."""
   tokens = jnp.zeros((1, config.context), jnp.int32)
   graph = enorm_jax.trace_graph(lambda p, t: model.apply({"params": p}, t), params, tokens)
-  if config.method == "enorm_mlp":
-    graph = enorm_jax.RescalingGraph(tuple(
-        g for g in graph if all(e.path.endswith("_fc1/kernel") for e in g.producers)))
+  hidden = models.MLP_HIDDEN_KERNELS[config.architecture]
+  is_mlp = lambda g: all(e.path.endswith(hidden) for e in g.producers)
+  if config.method in ("enorm_mlp", "enorm_attn"):
+    keep = config.method == "enorm_mlp"
+    graph = enorm_jax.RescalingGraph(tuple(g for g in graph if is_mlp(g) == keep))
   return graph
 
 

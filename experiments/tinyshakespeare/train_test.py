@@ -57,8 +57,30 @@ def test_one_enorm_step_computes_the_adamw_function(data_dir, tmp_path):
       metrics["adamw"]["validation_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("method, units", [
+    # Per layer: 2 norms (16 each), query/key (1 K/V head x 4 rotated pairs),
+    # value/out (8), SwiGLU up/down (24); then the final norm (16).
+    ("enorm", 2 * (16 + 16 + 4 + 8 + 24) + 16),
+    ("enorm_mlp", 2 * 24),
+    ("enorm_attn", 2 * (16 + 16 + 4 + 8) + 16)])
+def test_the_llama_model_computes_the_adamw_function(data_dir, tmp_path, method, units):
+  """Llama-style (RMSNorm, RoPE, GQA 2/1, SwiGLU, nn.scan): each method's first
+  update computes AdamW's function, on the units it rescales."""
+  config = lambda m: tiny_config(data_dir, m, architecture="llama", num_kv_heads=1,
+                                 llama_mlp_width=24, num_steps=1, warmup_steps=0,
+                                 eval_every_steps=1)
+  metrics = {m: train.train_and_evaluate(config(m), str(tmp_path / m))[1]
+             for m in ("adamw", method)}
+  assert metrics[method]["rescaled_units"] == units
+  assert metrics[method]["validation_loss"] == pytest.approx(
+      metrics["adamw"]["validation_loss"], rel=1e-5)
+
+
 def test_bad_settings_fail_early(data_dir, tmp_path):
   with pytest.raises(ValueError, match="config.method='sgd' is unknown"):
     train.train_and_evaluate(tiny_config(data_dir, "sgd"), str(tmp_path))
   with pytest.raises(FileNotFoundError, match="has no input.txt"):
     train.train_and_evaluate(tiny_config(str(tmp_path), "adamw"), str(tmp_path / "w"))
+  with pytest.raises(ValueError, match="config.architecture='gpt2'"):
+    train.train_and_evaluate(tiny_config(data_dir, "adamw", architecture="gpt2"),
+                             str(tmp_path / "a"))

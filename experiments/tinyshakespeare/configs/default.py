@@ -8,14 +8,20 @@ def get_config() -> ml_collections.ConfigDict:
   # Data: a folder holding input.txt ('' -> tfds.load('tiny_shakespeare')).
   config.data_dir = ""
   config.validation_fraction = 0.1             # the last 10 % of the text
-  # Model.
+  # Model: 'gpt' (pre-LayerNorm, ReLU MLP) or 'llama' (RMSNorm, rotary embeddings,
+  # grouped-query attention with num_kv_heads, SwiGLU of llama_mlp_width, no biases,
+  # layers stacked with nn.scan; about the GPT model's parameter count).
+  config.architecture = "gpt"
   config.num_layers = 4
   config.width = 128
   config.num_heads = 4
   config.mlp_width = 512
+  config.num_kv_heads = 2                      # llama only
+  config.llama_mlp_width = 384                 # llama only: 804k params, GPT 826k
   config.context = 128
-  # Method: 'adamw', 'enorm' (enorm(adamw), every traced group) or 'enorm_mlp'
-  # (enorm(adamw) on the MLP hidden units only).
+  # Method: 'adamw', 'enorm' (enorm(adamw), every traced group), 'enorm_mlp'
+  # (enorm(adamw) on the MLP hidden units only) or 'enorm_attn' (on every group but
+  # the MLP's: attention and norm gains).
   config.method = "adamw"
   config.c = 1.0
   # Optimization.
