@@ -127,6 +127,11 @@ class Plan:
 
   groups: tuple[ResolvedGroup, ...]
   by_leaf: dict[str, tuple[tuple[int, ResolvedEntry, int], ...]]
+  # Group index -> its recurrent kernel: a square leaf whose columns are the group's
+  # producers and rows its consumers (w[i, k] times d[k] / d[i]; the diagonal stays).
+  recurrent: dict[int, str] = dataclasses.field(default_factory=dict)
+  # Path -> shift of an offset gain (the parameter acts as value + shift).
+  shifts: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def shape_of(self, path: str) -> tuple[int, ...]:
     """The shape of the parameter at ``path`` (which must be in ``by_leaf``)."""
@@ -141,17 +146,40 @@ class Plan:
         by_leaf.setdefault(r.path, []).append((gi, r, +1))
       for r in g.divided:
         by_leaf.setdefault(r.path, []).append((gi, r, -1))
-    return cls(groups, {k: tuple(v) for k, v in by_leaf.items()})
+    recurrent = {}
+    for gi, g in enumerate(groups):
+      shared = {r.path for r in g.producers} & {r.path for r in g.consumers}
+      for path in sorted(shared):
+        if gi in recurrent:
+          raise ValueError(f"Group {gi} has two recurrent kernels ({recurrent[gi]!r}, "
+                           f"{path!r}); at most one parameter may be on both sides.")
+        _check_recurrent(g, path)
+        recurrent[gi] = path
+    shifts = {}
+    for path, entries in by_leaf.items():
+      values = {r.shift for _, r, _ in entries}
+      if len(values) > 1:
+        raise ValueError(f"Parameter {path!r} has entries with different shifts "
+                         f"{sorted(values)}; give every entry of it the same Entry.shift.")
+      if values != {0.0}:
+        shifts[path] = values.pop()
+    return cls(groups, {k: tuple(v) for k, v in by_leaf.items()}, recurrent, shifts)
 
   def scale(self, path: str, x: jax.Array, t: Scales, power: int = 1,
-            signs: tuple[int, ...] = (1, -1), exact: bool = True) -> jax.Array:
+            signs: tuple[int, ...] = (1, -1), exact: bool = True,
+            shifted: bool = False) -> jax.Array:
     """``x`` times the factor of every entry on ``path``, raised to ``power``.
 
     With ``exact`` (for values that are written back), dividing (exponent -1)
     is correctly rounded (`divide`); norms use XLA's faster division.
-    ``signs`` selects multiplying (+1) and/or dividing (-1) entries.
+    ``signs`` selects multiplying (+1) and/or dividing (-1) entries. With
+    ``shifted``, ``x`` holds parameter values of an offset gain: the gain
+    ``x + shift`` is scaled, then shifted back.
     """
-    shape = x.shape
+    shape, given = x.shape, x
+    shift = self.shifts.get(path, 0.0) if shifted else 0.0
+    if shift:
+      x = x + shift
     for gi, r, sign in self.by_leaf.get(path, ()):
       if sign not in signs:
         continue
@@ -166,7 +194,12 @@ class Plan:
         x = divide(x, m) if exact else x / m
       else:
         x = x * m ** exponent
-    return x.reshape(shape)
+    x = x.reshape(shape)
+    if shift:
+      x = x - shift
+    if path in self.recurrent.values() and 1 in signs and -1 in signs:
+      x = jnp.where(jnp.eye(shape[0], dtype=bool), given, x)  # d[k] / d[k] on the diagonal
+    return x
 
   def check_scales(self, scales: Sequence[jax.Array]) -> Scales:
     if len(scales) != len(self.groups):
@@ -177,3 +210,20 @@ class Plan:
       if tuple(jnp.shape(s)) != (g.size,):
         raise ValueError(f"scales[{i}] has shape {jnp.shape(s)}, expected ({g.size},).")
     return tuple(jnp.asarray(s, jnp.float32) for s in scales)
+
+
+def _check_recurrent(g: ResolvedGroup, path: str) -> None:
+  """A parameter on both sides of a group must be a recurrent kernel: square, its
+  columns the units (producers) and its rows the same units (consumers)."""
+  prod = [r for r in g.producers if r.path == path]
+  cons = [r for r in g.consumers if r.path == path]
+  ok = (len(prod) == len(cons) == 1 and prod[0].shape == (g.size, g.size)
+        and prod[0].view == prod[0].shape and cons[0].view == cons[0].shape
+        and prod[0].axes == (1,) and cons[0].axes == (0,)
+        and prod[0].offset == cons[0].offset == 0)
+  if not ok:
+    raise ValueError(
+        f"Parameter {path!r} is both a producer and a consumer of one group of {g.size} "
+        "units. That is supported for a recurrent kernel only: shape (units, units), "
+        "Entry(path, 1) among the producers and Entry(path, 0) among the consumers. "
+        "Otherwise split the units into groups that do not share it.")

@@ -29,6 +29,7 @@ class ResolvedEntry:
   view: tuple[int, ...]
   axes: tuple[int, ...]
   offset: int
+  shift: float = 0.0  # the parameter acts as value + shift
 
   @property
   def extent(self) -> int:
@@ -68,7 +69,8 @@ def resolve_entry(entry, shape: Sequence[int]) -> ResolvedEntry:
     axes.append(a % len(view))
   if len(set(axes)) != len(axes):
     raise ValueError(f"Parameter {entry.path!r}: repeated axis in {entry.axis!r}.")
-  return ResolvedEntry(entry.path, shape, view, tuple(axes), entry.offset)
+  return ResolvedEntry(entry.path, shape, view, tuple(axes), entry.offset,
+                       getattr(entry, "shift", 0.0))
 
 
 def _gaps(extent, spans):

@@ -86,6 +86,9 @@ class _Cycle:
     for phase in self.phases:
       factors = {}
       for gi in phase:
+        if gi in self.plan.recurrent:
+          factors[gi] = self._recurrent_factor(gi, t)
+          continue
         s_in, s_out = self._sums(gi, t)
         factors[gi] = _factor(jnp.log(s_in), jnp.log(s_out), self.p, self.c)
         sums += [s_in, s_out]
@@ -94,7 +97,8 @@ class _Cycle:
 
   def _careful(self, t: Scales) -> Scales:
     for phase in self.phases:
-      t = _updated(t, {gi: self._careful_factor(gi, t) for gi in phase})
+      t = _updated(t, {gi: self._recurrent_factor(gi, t) if gi in self.plan.recurrent
+                       else self._careful_factor(gi, t) for gi in phase})
     return t
 
   def _sums(self, gi: int, t: Scales) -> tuple[jax.Array, jax.Array]:
@@ -108,6 +112,37 @@ class _Cycle:
 
     incoming, outgoing = _norms.norm_entries(self.plan.groups[gi], self.include_biases)
     return sum(unit_sums(r) for r in incoming), sum(unit_sums(r) for r in outgoing)
+
+  def _recurrent_factor(self, gi: int, t: Scales) -> jax.Array:
+    """Factors of a group with a recurrent kernel ``w`` (``w[i, k]`` times
+    ``d[k] / d[i]``): the units share ``w``'s off-diagonal elements, so they are
+    not independent coordinates. Each unit in turn takes the exact minimiser
+    with every other unit fixed (its norms without ``w``'s diagonal, which no
+    factor changes); ``|w|^p`` is updated along one row and column per unit, and
+    each unit's sums are added afresh from non-negative terms."""
+    g, path = self.plan.groups[gi], self.plan.recurrent[gi]
+    size = g.size
+    incoming, outgoing = _norms.norm_entries(g, self.include_biases)
+
+    def own(entries):  # the unit's sums over every entry but the recurrent kernel
+      return sum((unit_reduce(abs_pow(self._current(r.path, t).reshape(r.view), self.p),
+                              r, size) for r in entries if r.path != path),
+                 jnp.zeros((size,), jnp.float32))
+
+    off_diagonal = 1.0 - jnp.eye(size, dtype=jnp.float32)
+    shared = abs_pow(self._current(path, t), self.p) * off_diagonal  # [reader i, unit k]
+
+    def unit(j, carry):
+      own_in, own_out, shared, d = carry
+      s_in = own_in[j] + jnp.sum(shared[:, j])
+      s_out = own_out[j] + jnp.sum(shared[j, :])
+      dj = _factor(jnp.log(s_in), jnp.log(s_out), self.p, self.c)
+      dp = abs_pow(dj, self.p)
+      shared = shared.at[:, j].multiply(dp).at[j, :].divide(dp)
+      return (own_in.at[j].multiply(dp), own_out.at[j].divide(dp), shared, d.at[j].set(dj))
+
+    carry = (own(incoming), own(outgoing), shared, jnp.ones((size,), jnp.float32))
+    return lax.fori_loop(0, size, unit, carry)[3]
 
   def _current(self, path: str, t: Scales) -> jax.Array:
     return self.plan.scale(path, self.work[path], t, exact=False)
@@ -181,7 +216,12 @@ def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.
   check_hyperparams(p, c, cycles, schedule)
   paths, leaves, treedef = _paths.flatten_with_paths(params)
   plan = Plan.build(graph, dict(zip(paths, leaves)))
-  work = {path: jnp.asarray(leaf).astype(jnp.float32)
+  if plan.recurrent and not (isinstance(c, numbers.Real) and c == 1):
+    raise ValueError(f"c={c!r} with a recurrent kernel ({next(iter(plan.recurrent.values()))!r} "
+                     "on both sides of its group): its units have no layer height for c "
+                     "to weigh, so use c=1.")
+  # Offset gains are balanced as the gains they act as (value + shift).
+  work = {path: jnp.asarray(leaf).astype(jnp.float32) + plan.shifts.get(path, 0.0)
           for path, leaf in zip(paths, leaves) if path in plan.by_leaf}
   single_cycle = isinstance(cycles, int) and cycles == 1
   phases = (graph.phases if schedule == "parallel"
@@ -191,8 +231,8 @@ def balance(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.
   t0 = tuple(jnp.ones((g.size,), jnp.float32) for g in plan.groups)
   scales = cycle(t0) if single_cycle else lax.fori_loop(0, cycles, lambda _, t: cycle(t), t0)
   new_leaves = [
-      plan.scale(path, work[path], scales).astype(leaf.dtype) if path in work else leaf
-      for path, leaf in zip(paths, leaves)]
+      (plan.scale(path, work[path], scales) - plan.shifts.get(path, 0.0)).astype(leaf.dtype)
+      if path in work else leaf for path, leaf in zip(paths, leaves)]
   return jax.tree_util.tree_unflatten(treedef, new_leaves), scales
 
 
@@ -251,7 +291,7 @@ def rescale_tree(tree, scales, graph, *, power=1, signs=(1, -1), exact=True):
   t = plan.check_scales(scales)
   new_leaves = [
       plan.scale(path, jnp.asarray(leaf).astype(jnp.float32), t, power, signs,
-                 exact=exact).astype(leaf.dtype)
+                 exact=exact, shifted=power == PARAM_COPY).astype(leaf.dtype)
       if path in plan.by_leaf else leaf for path, leaf in zip(paths, leaves)]
   return jax.tree_util.tree_unflatten(treedef, new_leaves)
 
@@ -299,7 +339,8 @@ def energy(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.0
   check_hyperparams(p, c)
   by_path = _paths.leaves_by_path(params)
   groups = require_graph(graph).resolve(by_path)
-  counted = {r.path for g in groups for r in sum(_norms.norm_entries(g, include_biases), ())}
+  counted = {r.path: r.shift
+             for g in groups for r in sum(_norms.norm_entries(g, include_biases), ())}
   plain = isinstance(c, numbers.Real) and c == 1
   heights = None if plain else graph.heights
   if not plain and heights is None:
@@ -308,7 +349,8 @@ def energy(params: Any, graph: RescalingGraph, *, p: float = 2.0, c: float = 1.0
                      "connection). Use c=1.")
   total = jnp.zeros((), jnp.float32)
   for path in sorted(counted):
-    term = jnp.sum(abs_pow(jnp.asarray(by_path[path]).astype(jnp.float32), p))
+    gain = jnp.asarray(by_path[path]).astype(jnp.float32) + counted[path]  # offset gains
+    term = jnp.sum(abs_pow(gain, p))
     if not plain:
       term = term * jnp.asarray(c, jnp.float32) ** (p * heights[path])
     total = total + term

@@ -45,6 +45,11 @@ class Entry:
       is rescaled with unit ``u`` (multiplied for a producer, divided for a
       consumer). Bias entries read along axis 0; give them in `Group.biases` or
       `Group.consumer_biases` to use another axis or a view.
+    shift: the parameter acts as ``value + shift``: an offset gain, such as
+      Gemma's norm ``x * (1 + scale)`` (``shift=1``). Rescaling moves the gain,
+      ``value -> (value + shift) * d - shift``; its energy is the gain's; moments
+      in an optimizer state move as the gain's (unshifted). Every entry of one
+      parameter must have the same shift.
     partial: ``True`` declares that the graph deliberately leaves some positions
       of this axis unrescaled (e.g. half of a concatenation is read by an op
       that stops rescaling). Otherwise the graph's entries on a parameter axis
@@ -58,6 +63,7 @@ class Entry:
   offset: int = 0
   bias: str | None = None
   partial: bool = False
+  shift: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.path, str) or not self.path:
@@ -70,6 +76,11 @@ class Entry:
       object.__setattr__(self, "view", tuple(int(s) for s in self.view))
     if self.offset < 0:
       raise ValueError(f"Entry {self.path!r}: offset must be >= 0, got {self.offset}.")
+    if not (isinstance(self.shift, (int, float, np.integer, np.floating))
+            and np.isfinite(self.shift)):
+      raise ValueError(f"Entry {self.path!r}: shift must be a finite number, got "
+                       f"{self.shift!r}.")
+    object.__setattr__(self, "shift", float(self.shift))
 
   @property
   def axes(self) -> tuple[int, ...]:
@@ -97,6 +108,12 @@ class Group:
       like the key projection of a query/key group (scores ``q . k`` keep their
       value when ``q_j`` is multiplied and ``k_j`` divided). A consumer's
       ``Entry.bias`` is moved here.
+
+  One parameter may be both a producer and a consumer of a group only as a
+  recurrent kernel: shape ``(size, size)``, ``Entry(path, 1)`` among the
+  producers and ``Entry(path, 0)`` among the consumers (``w[i, k]`` moves by
+  ``d[k] / d[i]``, its diagonal stays). `balance` then updates the group's units
+  one at a time, since they share that kernel.
   """
 
   size: int
@@ -284,7 +301,8 @@ class RescalingGraph:
       def fmt(entries):
         return ", ".join(
             e.path + (f"[axis={e.axis}" + (f", view={e.view}" if e.view else "")
-                      + (f", offset={e.offset}" if e.offset else "") + "]")
+                      + (f", offset={e.offset}" if e.offset else "")
+                      + (f", shift={e.shift:g}" if e.shift else "") + "]")
             for e in entries)
       lines.append(f"  [{i}] {g.label} size={g.size}")
       lines.append(f"      producers: {fmt(g.producers)}")

@@ -252,6 +252,7 @@ def rescale_optimizer_state(inner: optax.GradientTransformation, inner_state: An
             f"enorm: the inner optimizer state field {field!r} holds shape "
             f"{tuple(leaf.shape)} for parameter {param_path!r} of shape {shape}; only "
             "buffers with the parameter's shape can be rescaled.")
-      leaf = plan.scale(param_path, leaf.astype(jnp.float32), scales, power).astype(leaf.dtype)
+      leaf = plan.scale(param_path, leaf.astype(jnp.float32), scales, power,
+                        shifted=power == 1).astype(leaf.dtype)  # copies of offset gains
     new_leaves.append(leaf)
   return jax.tree_util.tree_unflatten(treedef, new_leaves)

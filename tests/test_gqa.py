@@ -67,3 +67,35 @@ def test_both_attention_symmetries_per_kv_head(style, heads, kv_heads):
   np.testing.assert_allclose(fn(moved, tokens), fn(params, tokens), rtol=2e-4, atol=2e-4)
   balanced, _ = enorm_jax.balance(params, graph, cycles=5)
   np.testing.assert_allclose(fn(balanced, tokens), fn(params, tokens), rtol=2e-4, atol=2e-4)
+
+
+class JaxAttention(nn.Module):
+  """`jax.nn.dot_product_attention` with its own GQA (fewer K/V heads), a causal
+  and a padding mask, and the queries scaled after the projection."""
+
+  @nn.compact
+  def __call__(self, tokens, keep):
+    x = nn.Embed(50, D)(tokens)
+    y = nn.RMSNorm(name="norm")(x)
+    q = nn.DenseGeneral((4, HD), use_bias=False, name="wq")(y) * HD ** -0.5
+    k = nn.DenseGeneral((2, HD), use_bias=False, name="wk")(y)
+    v = nn.DenseGeneral((2, HD), use_bias=False, name="wv")(y)
+    o = jax.nn.dot_product_attention(q, k, v, mask=keep[:, None, None, :], is_causal=True,
+                                     scale=1.0)
+    x = x + nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name="wo")(o)
+    return nn.Dense(50, use_bias=False, name="head")(nn.RMSNorm(name="final")(x))
+
+
+def test_jax_nn_dot_product_attention_with_masks():
+  model = JaxAttention()
+  tokens = jax.random.randint(jax.random.key(1), (2, T), 0, 50)
+  keep = jnp.array([[True] * T, [True] * (T - 2) + [False] * 2])
+  params = model.init(jax.random.key(0), tokens, keep)["params"]
+  fn = lambda p, t, keep: model.apply({"params": p}, t, keep)
+  graph = enorm_jax.trace_graph(fn, params, tokens, keep)
+  assert graph.num_units == 2 * D + 2 * 2 * HD
+  by_anchor = {g.producers[0].path: g for g in graph}
+  assert [e.path for e in by_anchor["wq/kernel"].consumers] == ["wk/kernel"]
+  balanced, _ = enorm_jax.balance(params, graph, cycles=3)
+  np.testing.assert_allclose(fn(balanced, tokens, keep), fn(params, tokens, keep), rtol=2e-4,
+                             atol=2e-4)

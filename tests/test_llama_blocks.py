@@ -41,6 +41,7 @@ def rotate(x, style):
 
 class Block(nn.Module):
   style: str
+  grouped: bool = False  # MaxText: queries reshaped to (K/V heads, group), one einsum
 
   @nn.compact
   def __call__(self, x, _):
@@ -48,9 +49,15 @@ class Block(nn.Module):
     q = rotate(nn.DenseGeneral((HEADS, HD), use_bias=False, name="wq")(y), self.style)
     k = rotate(nn.DenseGeneral((KV_HEADS, HD), use_bias=False, name="wk")(y), self.style)
     v = nn.DenseGeneral((KV_HEADS, HD), use_bias=False, name="wv")(y)
-    group = HEADS // KV_HEADS
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    o = nn.dot_product_attention(q, k, v, mask=nn.make_causal_mask(jnp.ones(x.shape[:2])))
+    group, t = HEADS // KV_HEADS, x.shape[1]
+    if self.grouped:
+      qg = q.reshape(q.shape[:2] + (KV_HEADS, group, HD)) / np.sqrt(HD)
+      mask = jnp.where(jnp.tril(jnp.ones((t, t))) > 0, 0.0, -1e9)
+      a = jax.nn.softmax(jnp.einsum("btkgd,bskd->bkgts", qg, k) + mask, -1)
+      o = jnp.einsum("bkgts,bskd->btkgd", a, v).reshape(q.shape)
+    else:
+      k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+      o = nn.dot_product_attention(q, k, v, mask=nn.make_causal_mask(jnp.ones(x.shape[:2])))
     x = x + nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name="wo")(o)
     y = nn.RMSNorm(name="mlp_norm")(x)
     h = nn.silu(nn.Dense(MLP, use_bias=False, name="gate")(y)) * nn.Dense(
@@ -61,16 +68,19 @@ class Block(nn.Module):
 class Llama(nn.Module):
   style: str
   scanned: bool
+  grouped: bool = False
+  remat: bool = False
 
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(VOCAB, D, name="embed")(tokens)
     if self.scanned:
-      x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     length=LAYERS)(self.style, name="layers")(x, None)
+      block = nn.remat(Block) if self.remat else Block
+      x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=LAYERS)(self.style, self.grouped, name="layers")(x, None)
     else:
       for i in range(LAYERS):
-        x, _ = Block(self.style, name=f"layers_{i}")(x, None)
+        x, _ = Block(self.style, self.grouped, name=f"layers_{i}")(x, None)
     return nn.Dense(VOCAB, use_bias=False, name="head")(nn.RMSNorm(name="final")(x))
 
 
@@ -80,13 +90,14 @@ def _pair_factors(d, style):
       [d, d], -1)
 
 
-@pytest.mark.parametrize("style,scanned", [
-    pytest.param("split", False, marks=pytest.mark.slow),  # the scanned case covers it
-    ("split", True),
-    pytest.param("slice", True, marks=pytest.mark.slow),  # same units as split
-    ("interleaved", True), ("complex", True)])
-def test_every_exact_unit_of_a_llama_decoder(style, scanned):
-  model = Llama(style, scanned)
+@pytest.mark.parametrize("style,scanned,grouped,remat", [
+    pytest.param("split", False, False, False, marks=pytest.mark.slow),  # scanned covers it
+    ("split", True, False, False),
+    ("split", True, True, True),  # MaxText's grouped einsum, nn.remat inside nn.scan
+    pytest.param("slice", True, False, False, marks=pytest.mark.slow),  # as split
+    ("interleaved", True, False, False), ("complex", True, False, False)])
+def test_every_exact_unit_of_a_llama_decoder(style, scanned, grouped, remat):
+  model = Llama(style, scanned, grouped, remat)
   tokens = jax.random.randint(jax.random.key(1), (2, T), 0, VOCAB)
   params = model.init(jax.random.key(0), tokens)["params"]
   fn = lambda p, t: model.apply({"params": p}, t)

@@ -200,6 +200,14 @@ def _w(*shape, seed=0):
   return jax.random.normal(jax.random.key(seed), shape) * 0.5 + 0.1
 
 
+@jax.custom_vjp
+def _custom_vjp_relu(x):
+  return jnp.maximum(x, 0)
+
+
+_custom_vjp_relu.defvjp(lambda x: (_custom_vjp_relu(x), x), lambda x, g: (g * (x > 0),))
+
+
 def _params2(shape_a, shape_b):
   return {"a": _w(*shape_a), "ab": _w(shape_a[-1], seed=1), "b": _w(*shape_b, seed=2)}
 
@@ -227,6 +235,9 @@ PRIMITIVE_CASES = {
             {"a": _w(3, 4), "b": _w(4, 2)}, (2, 3), 4),
     "remat": (lambda p, x: jax.checkpoint(lambda h: jax.nn.relu(h))(x @ p["a"]) @ p["b"],
               {"a": _w(3, 4), "b": _w(4, 2)}, (2, 3), 4),
+    "custom_vjp_in_jit_in_remat": (lambda p, x: jax.checkpoint(jax.jit(
+        lambda h, w: _custom_vjp_relu(h @ w)))(x, p["a"]) @ p["b"],
+        {"a": _w(3, 4), "b": _w(4, 2)}, (2, 3), 4),
     "flatten_nchw": (lambda p, x: jax.nn.relu(jnp.einsum("nhwc,co->nohw", x, p["a"]))
                      .reshape(x.shape[0], -1) @ p["b"],
                      {"a": _w(2, 3), "b": _w(3 * 4 * 4, 2)}, (2, 4, 4, 2), 3),

@@ -115,29 +115,6 @@ def test_attention_values_and_output_projection_form_a_group():
   np.testing.assert_allclose(apply(balanced, x), apply(params, x), rtol=1e-5, atol=1e-6)
 
 
-def test_a_recurrent_kernel_is_left_out_with_its_reason():
-  """A ReLU RNN under `lax.scan`: the scan is followed iteration by iteration, so
-  the recurrent kernel's rows are seen consuming the units its columns produce.
-  Such a group is not returned yet (the kernel is on both sides), with the reason,
-  and no wrong group is."""
-  k = jax.random.split(jax.random.key(0), 4)
-  params = {"wx": jax.random.normal(k[0], (4, 32)) * 0.5,
-            "wh": jax.random.normal(k[1], (32, 32)) * 0.2, "b": jnp.zeros(32),
-            "wo": jax.random.normal(k[2], (32, 3))}
-
-  def rnn(p, xs):
-    def step(h, x):
-      return jax.nn.relu(x @ p["wx"] + h @ p["wh"] + p["b"]), None
-    h, _ = jax.lax.scan(step, jnp.zeros((xs.shape[1], 32)), xs)
-    return h @ p["wo"]
-
-  xs = jax.random.normal(k[3], (6, 2, 4))
-  report = enorm_jax.explain_graph(rnn, params, xs)
-  assert report.graph.num_units == 0
-  assert any(line.startswith("wx outputs: a parameter both produces and consumes")
-             for line in report.stopped), report.stopped
-
-
 def test_the_graph_does_not_depend_on_the_example_batch():
   """A LayerNorm after global pooling reads each gain once per example: with one
   example its gain is still a per-feature gain (the batch axis is a broadcast)."""

@@ -18,6 +18,7 @@ inside holds whichever branch runs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -34,7 +35,7 @@ def _slice(tag, i: int):
   if isinstance(tag, Scaled):
     return Scaled(tag.units[i])
   if isinstance(tag, ParamView):
-    return ParamView(tag.path, tag.index[i])
+    return dataclasses.replace(tag, index=tag.index[i])
   if isinstance(tag, np.ndarray):
     return tag[i]
   return tag
@@ -45,9 +46,10 @@ def _stack(tags: list, shape) -> object:
   if all(isinstance(t, np.ndarray) for t in tags):
     return np.stack(tags)
   if any(isinstance(t, ParamView) for t in tags):
-    paths = {t.path for t in tags if isinstance(t, ParamView)}
-    if len(paths) == 1 and all(isinstance(t, ParamView) for t in tags):
-      return ParamView(paths.pop(), np.stack([t.index for t in tags]))
+    views = {(t.path, t.shift) for t in tags if isinstance(t, ParamView)}
+    if len(views) == 1 and all(isinstance(t, ParamView) for t in tags):
+      path, shift = views.pop()
+      return ParamView(path, np.stack([t.index for t in tags]), shift)
     raise TraceStop("a parameter stacked with other values by scan")
   if any(isinstance(t, Scaled) for t in tags):
     return Scaled(np.stack([t.units if isinstance(t, Scaled)
@@ -95,7 +97,7 @@ def _join(tr, a, b):
     return ACTIVATION
   if isinstance(a, ParamView) or isinstance(b, ParamView):
     if (isinstance(a, ParamView) and isinstance(b, ParamView) and a.path == b.path
-        and np.array_equal(a.index, b.index)):
+        and a.shift == b.shift and np.array_equal(a.index, b.index)):
       return a
     taint_all(tr, [a, b], "a different parameter on another path of a loop or branch")
     return None
@@ -110,7 +112,7 @@ def _same(a, b) -> bool:
   if isinstance(a, Scaled):
     return np.array_equal(a.units, b.units)
   if isinstance(a, ParamView):
-    return a.path == b.path and np.array_equal(a.index, b.index)
+    return a.path == b.path and a.shift == b.shift and np.array_equal(a.index, b.index)
   if isinstance(a, np.ndarray):
     return np.array_equal(a, b)
   return a is b

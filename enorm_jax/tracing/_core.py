@@ -6,8 +6,9 @@ Every value carries a *tag* that says how it depends on hidden-unit scalings:
 * `Scaled`: element ``i`` is multiplied by ``d[units[i]]`` when the units are
   rescaled (``units[i] = -1``: not scaled). Created at the output channels of
   every contraction whose kernel is a parameter, and at a norm's gain.
-* `ParamView`: element ``i`` is ``leaf[index[i]]`` of one parameter (reshaped,
-  broadcast, ...; ``index[i] = -1``: none), possibly times unscaled factors.
+* `ParamView`: element ``i`` is ``leaf[index[i]] + shift`` of one parameter
+  (reshaped, broadcast, ...; ``index[i] = -1``: none), possibly times unscaled
+  factors.
 * `ACTIVATION`: an unscaled value that depends on the function's inputs (a
   normalized activation, the embedded tokens).
 * a ``np.ndarray``: a known constant; ``None``: any other value (e.g. computed
@@ -51,6 +52,7 @@ ACTIVATION = _Activation()
 class ParamView:
   path: str
   index: np.ndarray  # int64, shape of the value: flat index into the leaf, -1: none
+  shift: float = 0.0  # the value is leaf + shift (an offset gain, Gemma's 1 + scale)
 
 
 class TraceStop(Exception):
@@ -87,6 +89,7 @@ class TraceState:
     self.parity: dict[int, int] = {}  # relative to the parent (see `union`)
     # (role, path) -> unit of each leaf element (-1: none), in order of first use.
     self.leaf_units: dict[tuple[str, str], np.ndarray] = {}
+    self.leaf_shifts: dict[str, float] = {}  # path -> the offset it is recorded with
     self.unit_producer: dict[int, str] = {}
     self.stopped: dict[int, str] = {}
     self.tainted: dict[str, str] = {}
@@ -193,6 +196,9 @@ class TraceState:
       self.union(prev[both], leaf_units[both])
       leaf_units = np.where(leaf_units >= 0, leaf_units, prev)
     self.leaf_units[key] = leaf_units.reshape(shape)
+    if self.leaf_shifts.setdefault(view.path, view.shift) != view.shift:
+      self.taint(view.path, f"used with two offsets ({self.leaf_shifts[view.path]:g} and "
+                 f"{view.shift:g})")
 
 
 RuleFn = Callable[[TraceState, Any, list], list]

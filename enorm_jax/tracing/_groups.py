@@ -56,7 +56,10 @@ def build_graph(tr: TraceState, paths: list[str]) -> tuple[RescalingGraph, list[
       problem = "not read by any later parameterized layer" if "producers" in fields \
           else "not produced by a parameterized layer"
     if problem is None and sig and tuple(sig) not in both_sides:
-      both_sides[tuple(sig)] = _both_sides(sig, leaf_classes)
+      # Leaves read on both sides, less recurrent kernels (which balance handles).
+      recurrent = _recurrent_paths(sig, leaf_classes)
+      both_sides[tuple(sig)] = {path: pairs for path, pairs in
+                                _both_sides(sig, leaf_classes).items() if path not in recurrent}
     if problem is None and any(root in pairs[pairs[:, 0] == pairs[:, 1], 0]
                                for pairs in both_sides[tuple(sig)].values()):
       problem = "a parameter both produces and consumes the same units (weight sharing)"
@@ -71,7 +74,7 @@ def build_graph(tr: TraceState, paths: list[str]) -> tuple[RescalingGraph, list[
   groups = []
   for sig, all_roots in by_signature.items():
     for roots in _independent_sets(all_roots, both_sides[sig]):
-      group, problem = _make_group(sig, set(roots), leaf_classes)
+      group, problem = _make_group(sig, set(roots), leaf_classes, tr.leaf_shifts)
       anchor = next(p for role, p in sig if role in ("producer", "inverse_consumer"))
       if group is None:
         reasons.setdefault(f"{anchor.rsplit('/', 1)[0]} outputs", problem)
@@ -88,15 +91,36 @@ def _both_sides(sig, leaf_classes) -> dict[str, np.ndarray]:
   of its elements."""
   out = {}
   for path in dict.fromkeys(p for _, p in sig):
-    side = {}
-    for role, q in sig:
-      field = _GROUP_FIELD[role]
-      if q == path and field in ("producers", "consumers"):
-        side[field] = np.maximum(side.get(field, UNSCALED), leaf_classes[(role, q)])
+    side = _sides(sig, leaf_classes, path)
     if len(side) == 2:
       both = (side["producers"] >= 0) & (side["consumers"] >= 0)
       out[path] = np.unique(np.stack([side["producers"][both], side["consumers"][both]], 1),
                             axis=0)
+  return out
+
+
+def _sides(sig, leaf_classes, path) -> dict[str, np.ndarray]:
+  """Leaf ``path``'s producer-side and consumer-side classes (element -> class or -1)."""
+  side = {}
+  for role, q in sig:
+    field = _GROUP_FIELD[role]
+    if q == path and field in ("producers", "consumers"):
+      side[field] = np.maximum(side.get(field, UNSCALED), leaf_classes[(role, q)])
+  return side
+
+
+def _recurrent_paths(sig, leaf_classes) -> set[str]:
+  """Leaves of ``sig`` that are recurrent kernels: square, column ``k`` producing
+  unit ``k`` and row ``k`` reading it (``w[i, k]`` times ``d[k] / d[i]``)."""
+  out = set()
+  for path in dict.fromkeys(p for _, p in sig):
+    side = _sides(sig, leaf_classes, path)
+    if len(side) < 2 or side["producers"].ndim != 2:
+      continue
+    prod, cons = side["producers"], side["consumers"]
+    if (prod.shape[0] == prod.shape[1] and (prod >= 0).all()
+        and (prod == prod[:1]).all() and np.array_equal(prod, cons.T)):
+      out.add(path)
   return out
 
 
@@ -126,7 +150,7 @@ _GROUP_FIELD = {"producer": "producers", "consumer": "consumers", "bias": "biase
                 "inverse_carried": None}
 
 
-def _make_group(sig, roots, leaf_classes):
+def _make_group(sig, roots, leaf_classes, shifts):
   """A group of the classes ``roots``: one entry per leaf of ``sig``, every entry
   listing the units in the same order (the first leaf's layouts are tried in turn
   until every other leaf has a layout in that order)."""
@@ -134,7 +158,8 @@ def _make_group(sig, roots, leaf_classes):
   for role, path in sig:
     classes = np.where(np.isin(leaf_classes[(role, path)], list(roots)),
                        leaf_classes[(role, path)], UNSCALED)
-    candidates = list(_fit_entries(path, classes, len(roots)))
+    shift = shifts.get(path, 0.0) if _GROUP_FIELD[role] in ("producers", "consumers") else 0.0
+    candidates = list(_fit_entries(path, classes, len(roots), shift))
     if not candidates:
       return None, f"{path}: its units do not form an axis-aligned layout"
     fits.append((role, path, candidates))
@@ -227,7 +252,7 @@ def _layout(classes: np.ndarray) -> tuple[tuple[int, ...], list[int]]:
   return tuple(view), varying
 
 
-def _fit_entries(path, classes, n):
+def _fit_entries(path, classes, n, shift=0.0):
   """Each `Entry` (with its unit sequence) that reproduces ``classes`` (element ->
   class or -1), the plainest first: the varying axes of `_layout` in every order."""
   view, varying = _layout(classes)
@@ -247,4 +272,4 @@ def _fit_entries(path, classes, n):
       continue
     entry_view = None if view == tuple(classes.shape) else view
     axis = axes[0] if len(axes) == 1 else tuple(axes)
-    yield Entry(path, axis, view=entry_view, offset=int(inside[0])), sequence
+    yield Entry(path, axis, view=entry_view, offset=int(inside[0]), shift=shift), sequence

@@ -8,6 +8,8 @@ the units it touches.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,7 +25,7 @@ def _same_transform(fn):
     if isinstance(t, Scaled):
       return [Scaled(fn(t.units, eqn, fill=UNSCALED))]
     if isinstance(t, ParamView):
-      return [ParamView(t.path, fn(t.index, eqn, fill=-1))]
+      return [dataclasses.replace(t, index=fn(t.index, eqn, fill=-1))]
     return [None]
   return rule
 
@@ -81,7 +83,7 @@ def _dynamic_slice(tr, eqn, tags):
                  for s, n, k in zip(starts, shape, sizes))
   if isinstance(t, Scaled):
     return [Scaled(t.units[window])]
-  return [ParamView(t.path, t.index[window])]
+  return [dataclasses.replace(t, index=t.index[window])]
 
 
 @rule("split")
@@ -95,7 +97,7 @@ def _split(tr, eqn, tags):
   if isinstance(t, Scaled):
     return [Scaled(u) for u in parts(t.units)]
   if isinstance(t, ParamView):
-    return [ParamView(t.path, i) for i in parts(t.index)]
+    return [dataclasses.replace(t, index=i) for i in parts(t.index)]
   return [None] * len(eqn.outvars)
 
 
@@ -135,7 +137,7 @@ def _pad(tr, eqn, tags):
   if isinstance(t, Scaled):
     return [Scaled(fn(t.units, UNSCALED))]
   if isinstance(t, ParamView):
-    return [ParamView(t.path, fn(t.index, -1))]
+    return [dataclasses.replace(t, index=fn(t.index, -1))]
   return [None]
 
 
@@ -194,6 +196,9 @@ def _add(tr, eqn, tags):
   out_shape = shape_of(eqn.outvars[0])
   a, b = tags
   if not isinstance(a, Scaled) and not isinstance(b, Scaled):
+    shifted = _offset_gain(eqn, a, b, out_shape)
+    if shifted is not None:
+      return [shifted]
     for t in tags:
       if isinstance(t, ParamView):
         tr.taint(t.path, "added to a value that is not a scaled activation")
@@ -217,12 +222,28 @@ def _add(tr, eqn, tags):
     index = _broadcast_to(other.index, out_shape)
     if ((index >= 0) & (units < 0)).any():
       tr.taint(other.path, "added to unscaled positions as well")
+    if other.shift:
+      tr.taint(other.path, "an offset value added as a bias")
+      tr.stop(units, "added to an offset parameter")
+      return [None]
     tr.record(role, ParamView(other.path, index), units)
     return [Scaled(units)]
   if is_const(other, lambda v: np.all(v == 0)):
     return [Scaled(units)]
   tr.stop(units, "added to a value that does not scale with it")
   return [None]
+
+
+def _offset_gain(eqn, a, b, out_shape):
+  """``scale + c`` or ``scale - c`` with one constant ``c`` (Gemma's ``1 + scale``):
+  a view of ``scale`` shifted by ``±c``, or None."""
+  view, const = (a, b) if isinstance(a, ParamView) else (b, a)
+  if (not isinstance(view, ParamView) or view.shift or not isinstance(const, np.ndarray)
+      or const.size == 0 or not np.all(const == const.flat[0])
+      or not np.isfinite(const.flat[0]) or (eqn.primitive.name == "sub" and view is b)):
+    return None
+  shift = float(const.flat[0]) * (-1.0 if eqn.primitive.name == "sub" else 1.0)
+  return ParamView(view.path, _broadcast_to(view.index, out_shape), shift)
 
 
 @rule("mul")
@@ -252,10 +273,10 @@ def _mul(tr, eqn, tags):
       # element at its own rank (a BatchNorm's scale folded into its statistics)
       # stays linear.
       new = _new_units_for_view(tr, views[0].path, index)
-      tr.record("producer", ParamView(views[0].path, index), new)
+      tr.record("producer", dataclasses.replace(views[0], index=index), new)
       return [Scaled(new)]
     if len(views) == 1:  # a parameter times an unscaled factor stays linear in it
-      return [ParamView(views[0].path, _broadcast_to(views[0].index, out_shape))]
+      return [dataclasses.replace(views[0], index=_broadcast_to(views[0].index, out_shape))]
     for t in views:
       tr.taint(t.path, "multiplied by another parameter")
     return [None]
@@ -263,9 +284,9 @@ def _mul(tr, eqn, tags):
   units = _broadcast_to(scaled.units, out_shape)
   if isinstance(other, ParamView):  # e.g. a BatchNorm scale: consumes, then produces
     index = _broadcast_to(other.index, out_shape)
-    tr.record("consumer", ParamView(other.path, index), units)
+    tr.record("consumer", dataclasses.replace(other, index=index), units)
     new = _new_units_for_view(tr, other.path, index)
-    tr.record("producer", ParamView(other.path, index), new)
+    tr.record("producer", dataclasses.replace(other, index=index), new)
     return [Scaled(new)]
   return [Scaled(units)]
 
@@ -292,7 +313,7 @@ def _div(tr, eqn, tags):
   if isinstance(a, Scaled):
     return [Scaled(_broadcast_to(a.units, shape_of(eqn.outvars[0])))]
   if isinstance(a, ParamView):
-    return [ParamView(a.path, _broadcast_to(a.index, shape_of(eqn.outvars[0])))]
+    return [dataclasses.replace(a, index=_broadcast_to(a.index, shape_of(eqn.outvars[0])))]
   return [None]
 
 
@@ -300,7 +321,7 @@ def _div(tr, eqn, tags):
 def _sign_free(tr, eqn, tags):
   t = tags[0]
   if isinstance(t, ParamView):
-    return [ParamView(t.path, t.index)] if eqn.primitive.name == "neg" else taint_all(
+    return [t] if eqn.primitive.name == "neg" else taint_all(
         tr, tags, "abs")
   return [t if isinstance(t, Scaled) else None]
 
