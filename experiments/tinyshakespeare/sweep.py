@@ -62,27 +62,27 @@ def best_rate(records, method, architecture: str = "gpt") -> float | None:
 
 
 def all_cells(results_dir) -> list[tuple[dict, str]]:
-  """(cell, results file) pairs in priority order: per architecture the search, then
-  seed by seed, then the controls."""
+  """(cell, results file) pairs in priority order: every architecture's search, then
+  the full runs seed by seed, then the controls."""
   config = default.get_config()
   search = sweeps.read_results(os.path.join(results_dir, SEARCH_FILE))
   searched = {cell_key(r) for r in search}
-  cells = []
+  stages = ([], [], [])  # search, full runs, controls
   for arch in ARCHITECTURES:
     base = dict(architecture=arch, c=1.0, weight_decay=config.weight_decay)
     arch_search = [dict(base, method=m, lr=lr, num_steps=SEARCH_STEPS, seed=0)
                    for m in METHODS for lr in SEARCH_LRS]
-    cells += [(c, SEARCH_FILE) for c in arch_search]
+    stages[0].extend((c, SEARCH_FILE) for c in arch_search)
     rate = {m: best_rate(search, m, arch) for m in METHODS
             if all(cell_key(c) in searched for c in arch_search if c["method"] == m)}
     rate = {m: lr for m, lr in rate.items() if lr is not None}
     final = lambda m, seed, **kw: (dict(base, method=m, lr=rate[m], num_steps=config.num_steps,
                                         seed=seed, **kw), FINAL_FILE)
-    cells += [final(m, seed) for seed in SEEDS for m in METHODS if m in rate]
-    cells += [final(m, seed, weight_decay=0.0) for seed in SEEDS
-              for m in ("adamw", "enorm") if m in rate]
-    cells += [final("enorm", SEEDS[0], c=CONTROL_C)] if "enorm" in rate else []
-  return cells
+    stages[1].extend(final(m, seed) for seed in SEEDS for m in METHODS if m in rate)
+    stages[2].extend(final(m, seed, weight_decay=0.0) for seed in SEEDS
+                     for m in ("adamw", "enorm") if m in rate)
+    stages[2].extend([final("enorm", SEEDS[0], c=CONTROL_C)] if "enorm" in rate else [])
+  return [cell for stage in stages for cell in stage]
 
 
 def pending_cells(results_dir) -> list[tuple[dict, str]]:
