@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from enorm_jax.graph import RescalingGraph, require_graph
@@ -149,7 +150,7 @@ class Plan:
     recurrent = {}
     for gi, g in enumerate(groups):
       shared = {r.path for r in g.producers} & {r.path for r in g.consumers}
-      for path in sorted(shared):
+      for path in sorted(p for p in shared if _overlap(g, p)):
         if gi in recurrent:
           raise ValueError(f"Group {gi} has two recurrent kernels ({recurrent[gi]!r}, "
                            f"{path!r}); at most one parameter may be on both sides.")
@@ -210,6 +211,27 @@ class Plan:
       if tuple(jnp.shape(s)) != (g.size,):
         raise ValueError(f"scales[{i}] has shape {jnp.shape(s)}, expected ({g.size},).")
     return tuple(jnp.asarray(s, jnp.float32) for s in scales)
+
+
+def _covered(r: ResolvedEntry, size: int) -> np.ndarray:
+  """The elements of ``r``'s parameter that hold one of the group's units."""
+  position = np.zeros(r.view, np.int64)
+  stride = 1
+  for a in reversed(r.axes):  # the combined unit axis, row-major over r.axes
+    shape = [1] * len(r.view)
+    shape[a] = r.view[a]
+    position = position + np.arange(r.view[a]).reshape(shape) * stride
+    stride *= r.view[a]
+  return ((position >= r.offset) & (position < r.offset + size)).reshape(r.shape)
+
+
+def _overlap(g: ResolvedGroup, path: str) -> bool:
+  """Whether an element of ``path`` is both a producer and a consumer in ``g`` (a
+  recurrent kernel; a kernel whose one slice produces and another consumes, as
+  layers stacked in one leaf, is not)."""
+  mask = lambda entries: np.logical_or.reduce(
+      [_covered(r, g.size) for r in entries if r.path == path])
+  return bool((mask(g.producers) & mask(g.consumers)).any())
 
 
 def _check_recurrent(g: ResolvedGroup, path: str) -> None:

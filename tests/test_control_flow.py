@@ -5,6 +5,7 @@ group found inside holds on every path; a unit that does not is left out."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import enorm_jax
 
@@ -75,20 +76,32 @@ def test_cond_with_a_path_that_keeps_the_units_is_weight_sharing():
   assert any("both produces and consumes" in line for line in report.stopped)
 
 
-def test_while_loop_with_a_shared_kernel_is_left_out_with_its_reason():
+@pytest.mark.parametrize("whole_leaf", [True, False])
+def test_while_loop_applying_one_kernel_repeatedly(whole_leaf):
+  """A kernel applied an unknown number of times reads and writes the same units:
+  a recurrent kernel. As a whole square leaf it is balanced as one; as a slice of
+  a stacked leaf it is left out with its reason, never returned wrong."""
+  params, x = _params(), _x()
+  params["shared"] = params["layers"][0]
+  kernel = (lambda p: p["shared"]) if whole_leaf else (lambda p: p["layers"][0])
+
   def fn(p, x):
     h = jax.nn.relu(x @ p["inp"])
     def body(carry):
       h, i = carry
-      return jax.nn.relu(h @ p["layers"][0]), i + 1
+      return jax.nn.relu(h @ kernel(p)), i + 1
     h, _ = jax.lax.while_loop(lambda c: c[1] < 3, body, (h, 0))
     return h @ p["out"]
-  params, x = _params(), _x()
   report = enorm_jax.explain_graph(fn, params, x)
-  # The kernel applied an unknown number of times maps units to themselves: its
-  # rows and columns share one factor, which `balance` cannot express.
-  assert report.graph.num_units == 0
-  assert any("both produces and consumes" in line for line in report.stopped)
+  if whole_leaf:
+    (group,) = report.graph.groups
+    assert [e.path for e in group.producers] == ["inp", "shared"]
+    assert [e.path for e in group.consumers] == ["shared", "out"]
+    balanced, _ = enorm_jax.balance(params, report.graph, cycles=3)
+    np.testing.assert_allclose(fn(balanced, x), fn(params, x), rtol=1e-4, atol=1e-5)
+  else:
+    assert report.graph.num_units == 0
+    assert any("both produces and consumes" in line for line in report.stopped)
 
 
 def test_while_loop_with_a_zero_initial_state_carries_the_units():

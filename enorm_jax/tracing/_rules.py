@@ -141,32 +141,29 @@ def _pad(tr, eqn, tags):
   return [None]
 
 
-@rule("concatenate")
-def _concatenate(tr, eqn, tags):
-  axis = eqn.params["dimension"]
+def _joined(tr, eqn, tags, combine, what):
+  """Tags of a concatenation (``combine`` joins the inputs' unit arrays): scaled
+  inputs keep their units, others are unscaled, parameters are tainted."""
   if not any(isinstance(t, (Scaled, ParamView)) for t in tags):
     return [None]
-  if any(isinstance(t, ParamView) for t in tags):
-    for t in tags:
-      if isinstance(t, ParamView):
-        tr.taint(t.path, "concatenated with other values")
+  for t in tags:
+    if isinstance(t, ParamView):
+      tr.taint(t.path, f"{what} with other values")
   parts = [t.units if isinstance(t, Scaled) else np.full(shape_of(v), UNSCALED, np.int64)
            for t, v in zip(tags, eqn.invars)]
-  return [Scaled(np.concatenate(parts, axis=axis))]
+  return [Scaled(combine(parts))]
+
+
+@rule("concatenate")
+def _concatenate(tr, eqn, tags):
+  return _joined(tr, eqn, tags, lambda parts: np.concatenate(parts, eqn.params["dimension"]),
+                 "concatenated")
 
 
 @rule("stack")
 def _stack(tr, eqn, tags):
   """``jnp.stack``: a concatenation along a new axis."""
-  axis = eqn.params["axis"]
-  if not any(isinstance(t, (Scaled, ParamView)) for t in tags):
-    return [None]
-  for t in tags:
-    if isinstance(t, ParamView):
-      tr.taint(t.path, "stacked with other values")
-  parts = [t.units if isinstance(t, Scaled) else np.full(shape_of(v), UNSCALED, np.int64)
-           for t, v in zip(tags, eqn.invars)]
-  return [Scaled(np.stack(parts, axis=axis))]
+  return _joined(tr, eqn, tags, lambda parts: np.stack(parts, eqn.params["axis"]), "stacked")
 
 
 @rule("complex")
