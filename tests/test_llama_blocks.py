@@ -91,11 +91,14 @@ def _pair_factors(d, style):
 
 
 @pytest.mark.parametrize("style,scanned,grouped,remat", [
-    pytest.param("split", False, False, False, marks=pytest.mark.slow),  # scanned covers it
-    ("split", True, False, False),
-    ("split", True, True, True),  # MaxText's grouped einsum, nn.remat inside nn.scan
-    pytest.param("slice", True, False, False, marks=pytest.mark.slow),  # as split
-    ("interleaved", True, False, False), ("complex", True, False, False)])
+    # The default set: split halves (MaxText's grouped einsum, nn.remat inside
+    # nn.scan) and complex pairs (interleaved, through stack and complex).
+    pytest.param("split", False, False, False, marks=pytest.mark.slow),
+    pytest.param("split", True, False, False, marks=pytest.mark.slow),
+    ("split", True, True, True),
+    pytest.param("slice", True, False, False, marks=pytest.mark.slow),
+    pytest.param("interleaved", True, False, False, marks=pytest.mark.slow),
+    ("complex", True, False, False)])
 def test_every_exact_unit_of_a_llama_decoder(style, scanned, grouped, remat):
   model = Llama(style, scanned, grouped, remat)
   tokens = jax.random.randint(jax.random.key(1), (2, T), 0, VOCAB)
@@ -123,6 +126,10 @@ def test_every_exact_unit_of_a_llama_decoder(style, scanned, grouped, remat):
   layer(moved)["wk"]["kernel"] = wk.at[first].divide(per_dim[None])
   np.testing.assert_allclose(fn(moved, tokens), fn(params, tokens), rtol=2e-4, atol=2e-4)
   assert not np.allclose(layer(moved)["wq"]["kernel"], wq)
+  # Every group at once, random log-normal factors: the function stays.
+  factors = [np.exp(rng.normal(size=g.size)).astype(np.float32) for g in graph]
+  np.testing.assert_allclose(fn(enorm_jax.rescale(params, factors, graph), tokens),
+                             fn(params, tokens), rtol=1e-4, atol=1e-4)
   balanced, _ = enorm_jax.balance(params, graph, cycles=3)
   np.testing.assert_allclose(fn(balanced, tokens), fn(params, tokens), rtol=2e-4, atol=2e-4)
   enorm_jax.check_graph(fn, params, graph, tokens)

@@ -161,5 +161,9 @@ def test_a_convnext_gives_the_same_units_at_batch_1_and_2():
   assert one == two and one.num_units == 80
   assert [e.path for g in one for e in g.consumers] == [
       "block0/pw1/kernel", "block0/gamma", "block1/pw1/kernel", "block1/gamma", "head/kernel"]
+  rng = np.random.default_rng(0)
+  factors = [np.exp(rng.normal(size=g.size)).astype(np.float32) for g in one]
+  np.testing.assert_allclose(fn(enorm_jax.rescale(params, factors, one), x), fn(params, x),
+                             rtol=1e-4, atol=1e-5)
   balanced, _ = enorm_jax.balance(params, one, cycles=3)
   np.testing.assert_allclose(fn(balanced, x), fn(params, x), rtol=1e-4, atol=1e-5)

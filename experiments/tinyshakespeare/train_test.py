@@ -2,6 +2,8 @@
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -57,22 +59,33 @@ def test_one_enorm_step_computes_the_adamw_function(data_dir, tmp_path):
       metrics["adamw"]["validation_loss"], rel=1e-5)
 
 
+def llama_config(data_dir, method, **overrides):
+  return tiny_config(data_dir, method, architecture="llama", num_kv_heads=1,
+                     llama_mlp_width=24, **overrides)
+
+
 @pytest.mark.parametrize("method, units", [
     # Per layer: 2 norms (16 each), query/key (1 K/V head x 4 rotated pairs),
     # value/out (8), SwiGLU up/down (24); then the final norm (16).
     ("enorm", 2 * (16 + 16 + 4 + 8 + 24) + 16),
     ("enorm_mlp", 2 * 24),
     ("enorm_attn", 2 * (16 + 16 + 4 + 8) + 16)])
-def test_the_llama_model_computes_the_adamw_function(data_dir, tmp_path, method, units):
-  """Llama-style (RMSNorm, RoPE, GQA 2/1, SwiGLU, nn.scan): each method's first
-  update computes AdamW's function, on the units it rescales."""
-  config = lambda m: tiny_config(data_dir, m, architecture="llama", num_kv_heads=1,
-                                 llama_mlp_width=24, num_steps=1, warmup_steps=0,
-                                 eval_every_steps=1)
+def test_each_method_rescales_its_llama_groups(data_dir, method, units):
+  config = llama_config(data_dir, method)
+  model = train.create_model(config, 10)
+  params = model.init(jax.random.key(0), jnp.zeros((1, config.context), jnp.int32))["params"]
+  assert train.rescaling_graph(model, params, config).num_units == units
+
+
+def test_the_llama_model_computes_the_adamw_function(data_dir, tmp_path):
+  """Llama-style (RMSNorm, RoPE, GQA 2/1, SwiGLU, nn.scan): the first enorm(adamw)
+  update computes AdamW's function."""
+  config = lambda m: llama_config(data_dir, m, num_steps=1, warmup_steps=0,
+                                  eval_every_steps=1)
   metrics = {m: train.train_and_evaluate(config(m), str(tmp_path / m))[1]
-             for m in ("adamw", method)}
-  assert metrics[method]["rescaled_units"] == units
-  assert metrics[method]["validation_loss"] == pytest.approx(
+             for m in ("adamw", "enorm")}
+  assert metrics["enorm"]["rescaled_units"] == 2 * (16 + 16 + 4 + 8 + 24) + 16
+  assert metrics["enorm"]["validation_loss"] == pytest.approx(
       metrics["adamw"]["validation_loss"], rel=1e-5)
 
 
