@@ -38,8 +38,9 @@ ARCHITECTURES = {
 }
 
 
-# The ImageNet stem differs from the CIFAR one only before the first group: slow.
-@pytest.mark.parametrize("name", [n if n != "resnet18c_imagenet" else pytest.param(
+# The ResNets are slow: test_trace checks their graphs against hand-declared ones,
+# and this test keeps the function of the FC and CIFAR-NV nets.
+@pytest.mark.parametrize("name", [n if not n.startswith("resnet18c") else pytest.param(
     n, marks=pytest.mark.slow) for n in sorted(ARCHITECTURES)])
 def test_function_preserved_on_paper_architectures(name):
   make, shape = ARCHITECTURES[name]

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import enorm_jax
 
@@ -94,6 +95,7 @@ def _trace_check_balance(apply, variables, x, min_units):
   return graph
 
 
+@pytest.mark.slow  # test_trace's identity ResNet with eval BatchNorm covers the mechanism
 def test_resnet_with_eval_batchnorm():
   model = SmallResNet()
   x = jax.random.normal(KEY, (4, 16, 16, 3))

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -129,6 +130,8 @@ def test_unique_minimum_and_idempotent_fixed_point(net, seed):
   chex.assert_trees_all_close(again, finals[0], rtol=2e-3, atol=1e-5)
 
 
+# Slow: test_transform checks the rescaled momentum against hand-derived updates.
+@pytest.mark.slow
 @given(networks())
 def test_rescaled_momentum_is_gradient_at_balanced_params(net):
   """eq. (10) through the wrapper: after one enorm(sgd(momentum)) step, the
@@ -147,6 +150,8 @@ def test_rescaled_momentum_is_gradient_at_balanced_params(net):
   chex.assert_trees_all_close(state.inner_state[0].trace, expected, rtol=1e-3, atol=1e-6)
 
 
+# Slow: test_trace compares traced and declared graphs of every paper architecture.
+@pytest.mark.slow
 @given(networks())
 def test_traced_graph_matches_declared_graph_and_checks(net):
   """The tracer finds exactly the declared groups of every random architecture."""

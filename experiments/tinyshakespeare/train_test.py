@@ -77,6 +77,7 @@ def test_each_method_rescales_its_llama_groups(data_dir, method, units):
   assert train.rescaling_graph(model, params, config).num_units == units
 
 
+@pytest.mark.slow  # the GPT model's test covers the step; the one above, the Llama graph
 def test_the_llama_model_computes_the_adamw_function(data_dir, tmp_path):
   """Llama-style (RMSNorm, RoPE, GQA 2/1, SwiGLU, nn.scan): the first enorm(adamw)
   update computes AdamW's function."""
