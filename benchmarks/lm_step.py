@@ -1,18 +1,27 @@
 r"""Training-step cost of ENorm on the tiny-Shakespeare decoders, side by side.
 
     python -m benchmarks.lm_step [--quick] [--json PATH] [--architectures gpt,llama]
+                                 [--reps N] [--instances K]
 
 The experiment's own jitted step (`experiments.tinyshakespeare.train`) at its
 default config (4 layers, width 128, batch 32 x 128 characters), one device, for
 the GPT-style and the Llama-style model: AdamW, ``enorm(AdamW)`` on every traced
-group, on the MLP groups only, on the others (attention and norms), and on every
-group with ``check_applied=False``. Beside them, in the same rounds: one
-`balance` cycle on every group (params donated) and the floor, a jitted pass
-that reads and writes every parameter once. Overheads are fractions of AdamW's
-median step time, every variant timed in alternation (one call of each per round).
+group, on the MLP groups only, on the others (attention and norms) (all three with
+the experiment's ``check_applied='record'``), and on every group with the check
+raising inside the step (``check_applied=True``) and with no check. Beside them,
+in the same rounds: one `balance` cycle on every group (params donated) and the
+floor, a jitted pass that reads and writes every parameter once.
+
+Every variant timed in alternation (one call of each per round). Each is
+compiled ``--instances`` times: on this 2-core CPU, two compilations of the same
+program differ by up to 5-10 % in speed (measured with AdamW against itself), so
+a variant's time is the median over its instances of their median step times.
+Overheads are fractions of AdamW's.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -25,21 +34,21 @@ from experiments.tinyshakespeare import train
 from experiments.tinyshakespeare.configs import default
 
 VOCAB_SIZE = 65  # tiny Shakespeare's characters
-UNCHECKED = "enorm_unchecked"
+UNCHECKED, RAISING = "enorm_unchecked", "enorm_raising"
 
 
 def variant_step(architecture: str, method: str, mesh, batch):
   """``(step, state)`` for `_common.interleaved_ms`, and the graph (None for AdamW)."""
   config = default.get_config()
   config.architecture = architecture
-  config.method = "enorm" if method == UNCHECKED else method
+  config.method = "enorm" if method in (UNCHECKED, RAISING) else method
   model = train.create_model(config, VOCAB_SIZE)
   params = model.init(jax.random.key(0), jnp.zeros((1, config.context), jnp.int32))["params"]
   graph = train.rescaling_graph(model, params, config) if method != "adamw" else None
   tx = train.create_optimizer(config, graph)
-  if method == UNCHECKED:
+  if method in (UNCHECKED, RAISING):
     adamw = train.create_optimizer(default.get_config(), None)
-    tx = enorm_jax.enorm(adamw, graph, c=config.c, check_applied=False)
+    tx = enorm_jax.enorm(adamw, graph, c=config.c, check_applied=method == RAISING)
   state = trainer.TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
                              opt_state=tx.init(params))
   train_step, _ = train.make_steps(model, tx, mesh)
@@ -50,6 +59,8 @@ def variant_step(architecture: str, method: str, mesh, batch):
 def main():
   parser = _common.parser(__doc__)
   parser.add_argument("--reps", type=int, default=0, help="timed repetitions per variant")
+  parser.add_argument("--instances", type=int, default=2,
+                      help="compilations per variant (their median is reported)")
   parser.add_argument("--architectures", default="gpt,llama")
   args = parser.parse_args()
   reps = args.reps or (3 if args.quick else 15)
@@ -58,20 +69,24 @@ def main():
   tokens = np.random.default_rng(0).integers(0, VOCAB_SIZE, (config.batch_size,
                                                              config.context + 1))
   batch = trainer.shard_batch({"tokens": tokens.astype(np.int32)}, mesh)
-  methods = list(train.METHODS) + [UNCHECKED]
+  methods = list(train.METHODS) + [RAISING, UNCHECKED]
   records = []
   for architecture in args.architectures.split(","):
     steps, graphs = {}, {}
-    for method in methods:
-      steps[method], graphs[method] = variant_step(architecture, method, mesh, batch)
-    params = jax.tree.map(jnp.copy, steps["adamw"][1].params)
-    graph = graphs["enorm"]
-    steps["cycle"] = (jax.jit(lambda p: enorm_jax.balance(p, graph)[0], donate_argnums=0),
-                      params)
-    steps["floor"] = (jax.jit(lambda p: jax.tree.map(lambda w: w * 1.0001, p),
-                              donate_argnums=0), jax.tree.map(jnp.copy, params))
-    ms = _common.interleaved_ms(steps, reps)
-    record = dict(model=architecture, reps=reps, adamw_ms=ms["adamw"], cycle_ms=ms["cycle"],
+    for i in range(args.instances):
+      for method in methods:
+        steps[method, i], graphs[method] = variant_step(architecture, method, mesh, batch)
+      params = jax.tree.map(jnp.copy, steps["adamw", i][1].params)
+      graph = graphs["enorm"]
+      steps["cycle", i] = (jax.jit(lambda p: enorm_jax.balance(p, graph)[0],
+                                   donate_argnums=0), params)
+      steps["floor", i] = (jax.jit(lambda p: jax.tree.map(lambda w: w * 1.0001, p),
+                                   donate_argnums=0), jax.tree.map(jnp.copy, params))
+    per_instance = _common.interleaved_ms(steps, reps)
+    ms = {name: statistics.median(t for (n, _), t in per_instance.items() if n == name)
+          for name, _ in per_instance}
+    record = dict(model=architecture, reps=reps, instances=args.instances,
+                  adamw_ms=ms["adamw"], cycle_ms=ms["cycle"],
                   floor_ms=ms["floor"], cycle_share=ms["cycle"] / ms["adamw"],
                   cycle_floor_ratio=ms["cycle"] / ms["floor"])
     for m in methods[1:]:

@@ -16,7 +16,7 @@ from enorm_jax.check import CheckReport, check_graph
 from enorm_jax.graph import Entry, Group, RescalingGraph, leaves_by_path
 from enorm_jax.optimizer_state import DEFAULT_STATE_ROLES, rescale_optimizer_state
 from enorm_jax.tracing import TraceReport, explain_graph, register_rule, trace_graph
-from enorm_jax.transform import EnormState, enorm
+from enorm_jax.transform import EnormState, enorm, raise_if_misapplied
 
 __version__ = "0.2.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "enorm",
     "explain_graph",
     "leaves_by_path",
+    "raise_if_misapplied",
     "register_rule",
     "rescale",
     "rescale_optimizer_state",

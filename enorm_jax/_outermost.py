@@ -5,14 +5,19 @@ scale, a clip, a learning rate) changes that difference, and the params that
 result are no longer a rescaling of the network: the function changes with no
 error. `enorm` therefore keeps a fingerprint of the params it returned (per
 rescaled leaf: the sum and the sum of squares, in float32) and compares the
-params of the next update with it. A mismatch raises at run time, from inside
-jit, through a `jax.pure_callback` that only runs on the mismatch branch. Its
-result feeds the updates, so that it is not removed as dead code and every read
-of the old params precedes the in-place write of donated params; a
-pure callback leaves the program without side effects, so jit keeps its fast
-dispatch path (a `jax.debug.callback` would make every step take the slow one).
-Under SPMD the callback runs on one device and its boolean result is shared by
-an all-reduce inside the error branch, which runs only when the check fails.
+params of the next update with it (`changed_leaves`). The updates depend on the
+comparison, so every read of the old params precedes the in-place write of
+donated params, with no copy.
+
+Two ways to report a mismatch. ``'record'`` adds no control flow: the updates
+become NaN (so the loss shows it at the next step) and the state keeps which
+leaves differed, for `raise_changed` to name on the host. ``'raise'`` also raises
+from inside jit at the failing step, through a `jax.pure_callback` under a
+`lax.cond` that runs it only on a mismatch; a pure callback leaves the program
+without side effects, so jit keeps its fast dispatch path. The conditional has a
+cost of its own on XLA:CPU, even when never taken (`benchmarks.lm_step`). Under
+SPMD the callback runs on one device and its boolean result is shared by an
+all-reduce inside the error branch, which runs only when the check fails.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ def fingerprint(params: Any, paths: Sequence[str]) -> jax.Array:
   return jnp.stack([jnp.stack([jnp.sum(x), jnp.vdot(x, x)]) for x in xs])
 
 
-def _raise_changed(changed, paths):
-  """Raises naming the changed leaves; under `vmap` ``changed`` has leading batch axes."""
+def raise_changed(changed, paths):
+  """Raises naming the changed leaves, if any; ``changed`` (host values) may have leading
+  batch axes (`vmap`)."""
   changed = np.asarray(changed)
   bad = [p for p, flag in zip(paths, changed.reshape(-1, len(paths)).any(0)) if flag]
   if bad:
@@ -56,16 +62,12 @@ def _raise_changed(changed, paths):
   return np.ones(changed.shape[:-1], np.bool_)
 
 
-def check_unchanged(expected: jax.Array, params: Any, paths: Sequence[str],
-                    active: jax.Array) -> jax.Array:
-  """Raises (at run time) if ``params`` do not match ``expected`` where ``active``.
-
-  ``expected`` is the `fingerprint` of ``paths`` the previous update stored.
-  Returns a scalar True that the caller must use, so that the check is not removed
-  as dead code: `enorm` makes its updates depend on it.
-  """
+def changed_leaves(expected: jax.Array, params: Any, paths: Sequence[str],
+                   active: jax.Array) -> jax.Array:
+  """Per leaf of ``paths``, whether ``params`` differ from the fingerprint ``expected``
+  (the one the previous update stored) beyond rounding, where ``active``."""
   if not paths:
-    return jnp.bool_(True)
+    return jnp.zeros((0,), jnp.bool_)
   leaves = _paths.leaves_by_path(params)
   # Per-leaf constants, vectorized so that the check is a handful of ops, not one per leaf.
   tol = np.array([max(1e-5, 4 * float(jnp.finfo(jnp.result_type(leaves[p])).eps))
@@ -78,11 +80,16 @@ def check_unchanged(expected: jax.Array, params: Any, paths: Sequence[str],
   sum_ok = diff[:, 0] <= tol * jnp.sqrt(size * scale_sq) + 1e-30
   sq_ok = diff[:, 1] <= 2 * tol * scale_sq + 1e-30
   finite = jnp.all(jnp.isfinite(expected) & jnp.isfinite(got), axis=1)  # NaN: not ours
-  changed = finite & ~(sum_ok & sq_ok) & active
+  return finite & ~(sum_ok & sq_ok) & active
+
+
+def raise_in_step(changed: jax.Array, paths: Sequence[str]) -> jax.Array:
+  """Raises (at run time, from inside jit) if any of ``changed`` is set; else True."""
+  if not paths:
+    return jnp.bool_(True)
   return lax.cond(
       jnp.any(changed),
-      lambda c: jax.pure_callback(lambda c: _raise_changed(c, paths),
+      lambda c: jax.pure_callback(lambda c: raise_changed(c, paths),
                                   jax.ShapeDtypeStruct((), jnp.bool_), c,
                                   vmap_method="broadcast_all"),
       lambda c: jnp.bool_(True), changed)
-

@@ -168,6 +168,51 @@ def test_a_transformation_after_enorm_raises_at_the_next_update(after):
     jax.block_until_ready(step(params, state))
 
 
+@pytest.mark.parametrize("after", [optax.scale(0.5), optax.clip_by_global_norm(1e-3)])
+def test_a_recorded_check_poisons_the_updates_and_names_the_leaves(after):
+  model, params, names = _mlp(8)
+  graph = enorm_jax.chain_graph(params, names)
+  tx = optax.chain(enorm_jax.enorm(optax.sgd(0.1), graph, check_applied="record"), after)
+  step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.ones_like, p), s, p))
+  state = tx.init(params)
+  for _ in range(2):
+    enorm_jax.raise_if_misapplied(state, graph)  # nothing found yet
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  assert all(bool(jnp.all(jnp.isnan(u))) for u in jax.tree.leaves(updates))
+  with pytest.raises(ValueError, match="enorm must be the outermost transformation") as e:
+    enorm_jax.raise_if_misapplied(state, graph)
+  assert "layers_0/kernel" in str(e.value)
+  with pytest.raises(ValueError, match="the state checks 5 leaves, the graph has 7"):
+    enorm_jax.raise_if_misapplied(state, enorm_jax.chain_graph(*_mlp(8, depth=3)[1:]))
+
+
+def test_a_recorded_check_adds_no_control_flow_and_passes_correct_use():
+  model, params, names = _mlp(16, depth=3)
+  graph = enorm_jax.chain_graph(params, names)
+  x = jax.random.normal(jax.random.key(3), (4, 4))
+  loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
+  compiled = {}
+  for mode in (True, "record", False):
+    tx = enorm_jax.enorm(optax.adam(1e-2), graph, check_applied=mode)
+    step = jax.jit(lambda p, s, tx=tx: tx.update(jax.grad(loss)(p), s, p))
+    compiled[mode] = step.lower(params, tx.init(params)).compile().as_text()
+    p, state = params, tx.init(params)
+    for _ in range(4):
+      updates, state = step(p, state)
+      p = optax.apply_updates(p, updates)
+    enorm_jax.raise_if_misapplied(state, graph)
+    assert not np.any(state.mismatched)
+    assert state.mismatched.shape == ((7,) if mode else (0,))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(p))
+  conditionals = {mode: len(re.findall(r"\bconditional\(", hlo)) for mode, hlo in compiled.items()}
+  # The balance has its own (float32 overflow fallbacks); the raising check adds one.
+  assert conditionals[True] == conditionals[False] + 1 == conditionals["record"] + 1
+  assert "custom-call(" in compiled[True] and "custom-call(" not in compiled["record"]
+  with pytest.raises(ValueError, match="check_applied must be True, False or 'record'"):
+    enorm_jax.enorm(optax.sgd(0.1), graph, check_applied="raise")
+
+
 def test_the_check_keeps_a_donated_step_fast():
   """No side effects (jit keeps its fast dispatch path) and no copy of donated params."""
   model, params, names = _mlp(64, depth=3)

@@ -179,10 +179,19 @@ def test_vmap_over_an_ensemble_with_the_outermost_check():
   one, _ = _train(tx, members[2][0], x, y, steps=3)
   for a, b in zip(jax.tree.leaves(jax.tree.map(lambda a: a[2], params)), jax.tree.leaves(one)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  # A member changed behind the wrapper's back is still caught.
+  # A member changed behind the wrapper's back is still caught, raised in the step or
+  # recorded (NaN for that member only) and named on the host.
   params = jax.tree.map(lambda a: a.at[1].multiply(1.5), params)
   with pytest.raises(Exception, match="outermost"):
     jax.block_until_ready(step(params, state))
+  recorded = enorm_jax.enorm(optax.sgd(1e-2, momentum=0.9), graph, check_applied="record")
+  step = jax.jit(jax.vmap(lambda p, s: recorded.update(_grads(p, x, y), s, p)))
+  updates, state = step(params, state)
+  nan_members = [bool(jnp.all(jnp.isnan(u[i]))) for i in range(4)
+                 for u in jax.tree.leaves(updates)[:1]]
+  assert nan_members == [False, True, False, False]
+  with pytest.raises(ValueError, match="outermost"):
+    enorm_jax.raise_if_misapplied(state, graph)
 
 
 def test_optax_tree_get_finds_the_inner_count():

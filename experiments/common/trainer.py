@@ -155,13 +155,16 @@ def fit(state: TrainState, *, train_step: Callable, batches: Callable[[int], Ite
         mesh: Mesh, total_steps: int, steps_per_epoch: int, workdir: str,
         evaluate: Callable[[TrainState], dict[str, float]],
         checkpoint_every_steps: int, log_every_steps: int, eval_every_epochs: int = 1,
-        stop_at_step: int = 0, images_per_step: int = 0, desc: str = "train"
+        stop_at_step: int = 0, images_per_step: int = 0, desc: str = "train",
+        diagnose: Callable[[TrainState], None] | None = None
         ) -> tuple[TrainState, dict[str, float]]:
   """The training loop: resume, step, log, evaluate per epoch, checkpoint.
 
   ``batches(start_step)`` yields host batches from ``start_step`` on. Returns the
   final state and the last evaluation metrics. ``stop_at_step > 0`` returns
   early after that step's checkpoint, as a preemption would (for tests).
+  ``diagnose(state)``, called when the training loss is non-finite, may raise a
+  more precise error (`enorm_jax.raise_if_misapplied`).
   """
   checkpoints = Checkpoints(workdir)
   # Restore onto this run's mesh: a checkpoint written by any number of processes
@@ -189,6 +192,8 @@ def fit(state: TrainState, *, train_step: Callable, batches: Callable[[int], Ite
                    for k in pending[0]}
         pending = []
         if not math.isfinite(summary["loss"]):
+          if diagnose is not None:
+            diagnose(state)
           raise NonFiniteLossError(
               f"Non-finite training loss ({summary['loss']}) at step {done}. The last good "
               f"checkpoint is kept in {checkpoints.directory}. Lower the learning rate "
