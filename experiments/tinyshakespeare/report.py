@@ -97,6 +97,31 @@ def final_table(records, arch: str = "gpt") -> str:
   return "\n".join(lines)
 
 
+def long_table(records) -> str:
+  """The longer schedule: validation loss at every evaluation, and the paired gap
+  (ENorm - AdamW, same seed) per seed."""
+  if not records:
+    return ""
+  arch = sweep.field(records[0], "architecture")
+  method = next((r["method"] for r in records if r["method"] != "adamw"), None)
+  curves = {(r["method"], r["seed"]): dict(map(tuple, r["curve"])) for r in records}
+  seeds = sorted({s for m, s in curves if m == "adamw" and (method, s) in curves})
+  if method is None or not seeds:
+    return ""
+  steps = sorted(set.intersection(*[set(curves[m, s]) for s in seeds
+                                    for m in ("adamw", method)]))
+  lines = [f"\n### Longer schedule: {TITLES[arch]}, {records[0]['num_steps']} steps\n",
+           f"AdamW against {LABELS[method]}, seeds {', '.join(map(str, seeds))}; validation "
+           "loss (mean over seeds) and the gap seed by seed:\n",
+           "| step | AdamW | ENorm | gap per seed |", "|---|---|---|---|"]
+  for step in steps:
+    a = [curves["adamw", s][step] for s in seeds]
+    e = [curves[method, s][step] for s in seeds]
+    gaps = ", ".join(f"{y - x:+.4f}" for x, y in zip(a, e))
+    lines.append(f"| {step} | {np.mean(a):.4f} | {np.mean(e):.4f} | {gaps} |")
+  return "\n".join(lines) + "\n"
+
+
 def figure(search, finals, path) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -144,6 +169,7 @@ def render(results_dir: str) -> str:
              "(final validation loss, nats per character):\n\n" + search_table(search, arch) +
              "\n\nFull runs at each method's best rate, then the controls (no weight "
              "decay; c = 1.2):\n\n" + final_table(finals, arch) + "\n")
+  text += long_table(sweeps.read_results(os.path.join(results_dir, sweep.LONG_FILE)))
   text += "\nMade by `python -m experiments.tinyshakespeare.report`.\n"
   with open(os.path.join(results_dir, "tinyshakespeare.md"), "w") as f:
     f.write(text)

@@ -36,3 +36,14 @@ def test_render_writes_tables_and_figure(tmp_path):
           in text)
   assert "### Llama-style" in text and "| AdamW | 1 | 0.1 | 0.003 | 0 | 1 | 1.4000 | – |" in text
   assert (tmp_path / "tinyshakespeare.md").read_text() == text
+
+
+def test_the_longer_schedule_table_gives_the_gap_at_every_evaluation(tmp_path):
+  runs = [dict(_run(m, 3e-3, None, seed, 3000), architecture="gpt",
+               curve=[[100, 2.5 + seed - 0.1 * (m == "enorm")], [200, 2.0 + seed - d]])
+          for seed in (0, 1) for m, d in (("adamw", 0.0), ("enorm", 0.02))]
+  (tmp_path / sweep.LONG_FILE).write_text(json.dumps(runs))
+  text = report.render(str(tmp_path))
+  assert "### Longer schedule: GPT-style (LayerNorm, ReLU MLP), 3000 steps" in text
+  assert "| 100 | 3.0000 | 2.9000 | -0.1000, -0.1000 |" in text
+  assert "| 200 | 2.5000 | 2.4800 | -0.0200, -0.0200 |" in text

@@ -33,8 +33,10 @@ SEARCH_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 SEARCH_STEPS = 300
 SEEDS = (0, 1, 2)
 CONTROL_C = 1.2
+LONG_STEPS, LONG_SEEDS = 3000, (0, 1)
 KEY_FIELDS = ("architecture", "method", "c", "weight_decay", "lr", "num_steps", "seed")
 SEARCH_FILE, FINAL_FILE = "tinyshakespeare_search.json", "tinyshakespeare.json"
+LONG_FILE = "tinyshakespeare_long.json"
 
 
 def field(record, name):
@@ -61,13 +63,34 @@ def best_rate(records, method, architecture: str = "gpt") -> float | None:
   return min(done, key=lambda r: r["val_loss"])["lr"] if done else None
 
 
+def paired_gain(records, method, architecture) -> float | None:
+  """Mean over seeds of (AdamW - method) final validation loss, main protocol, when
+  both have every seed of `SEEDS` finite; else None."""
+  loss = {(r["method"], r["seed"]): r["val_loss"] for r in records
+          if is_main(r, architecture) and r["num_steps"] == default.get_config().num_steps}
+  pairs = [(loss.get(("adamw", s)), loss.get((method, s))) for s in SEEDS]
+  if any(a is None or b is None for a, b in pairs):
+    return None
+  return float(np.mean([a - b for a, b in pairs]))
+
+
+def long_choice(finals) -> tuple[str, str] | None:
+  """(architecture, ENorm method) with the largest paired gain, once every
+  architecture's every method has its full runs; else None."""
+  gains = {(a, m): paired_gain(finals, m, a) for a in ARCHITECTURES for m in METHODS
+           if m != "adamw"}
+  if any(g is None for g in gains.values()):
+    return None
+  return max(gains, key=gains.get)
+
+
 def all_cells(results_dir) -> list[tuple[dict, str]]:
   """(cell, results file) pairs in priority order: every architecture's search, then
-  the full runs seed by seed, then the controls."""
+  the full runs seed by seed, then the controls, then the longer schedule."""
   config = default.get_config()
   search = sweeps.read_results(os.path.join(results_dir, SEARCH_FILE))
   searched = {cell_key(r) for r in search}
-  stages = ([], [], [])  # search, full runs, controls
+  stages = ([], [], [], [])  # search, full runs, controls, longer schedule
   for arch in ARCHITECTURES:
     base = dict(architecture=arch, c=1.0, weight_decay=config.weight_decay)
     arch_search = [dict(base, method=m, lr=lr, num_steps=SEARCH_STEPS, seed=0)
@@ -82,6 +105,13 @@ def all_cells(results_dir) -> list[tuple[dict, str]]:
     stages[2].extend(final(m, seed, weight_decay=0.0) for seed in SEEDS
                      for m in ("adamw", "enorm") if m in rate)
     stages[2].extend([final("enorm", SEEDS[0], c=CONTROL_C)] if "enorm" in rate else [])
+  choice = long_choice(sweeps.read_results(os.path.join(results_dir, FINAL_FILE)))
+  if choice is not None:
+    arch, method = choice
+    base = dict(architecture=arch, c=1.0, weight_decay=config.weight_decay,
+                num_steps=LONG_STEPS)
+    stages[3].extend((dict(base, method=m, lr=best_rate(search, m, arch), seed=seed),
+                      LONG_FILE) for seed in LONG_SEEDS for m in ("adamw", method))
   return [cell for stage in stages for cell in stage]
 
 
@@ -101,7 +131,7 @@ def make_config(cell, data_dir):
   config.architecture = field(cell, "architecture")
   config.weight_decay = field(cell, "weight_decay")
   config.learning_rate = cell["lr"]
-  if cell["num_steps"] != config.num_steps:  # compress the schedule's shape
+  if cell["num_steps"] != config.num_steps:  # stretch or compress the schedule
     scale = cell["num_steps"] / config.num_steps
     config.warmup_steps = round(config.warmup_steps * scale)
     config.num_steps = cell["num_steps"]

@@ -37,6 +37,27 @@ def test_finals_wait_for_the_search_and_take_the_best_finite_rate(tmp_path):
   assert (config.num_steps, config.warmup_steps) == (sweep.SEARCH_STEPS, 30)
 
 
+def test_the_longer_schedule_waits_for_every_full_run_and_takes_the_largest_gain(tmp_path):
+  flags.FLAGS(["sweep_test"])
+  search = [dict(architecture=a, method=m, c=1.0, weight_decay=0.1, lr=3e-3, seed=0,
+                 num_steps=sweep.SEARCH_STEPS, val_loss=2.0)
+            for a in sweep.ARCHITECTURES for m in sweep.METHODS]
+  (tmp_path / sweep.SEARCH_FILE).write_text(json.dumps(search))
+  gain = {("gpt", "enorm"): 0.03, ("gpt", "enorm_mlp"): 0.01, ("gpt", "enorm_attn"): 0.02,
+          ("llama", "enorm"): 0.01, ("llama", "enorm_mlp"): 0.0, ("llama", "enorm_attn"): 0.0}
+  finals = [dict(r, num_steps=1000, seed=seed, val_loss=1.6 - gain.get((r["architecture"],
+                                                                       r["method"]), 0))
+            for r in search for seed in sweep.SEEDS]
+  (tmp_path / sweep.FINAL_FILE).write_text(json.dumps(finals[:-1]))
+  long = lambda: [c for c, name in sweep.all_cells(str(tmp_path)) if name == sweep.LONG_FILE]
+  assert not long()  # one Llama seed missing
+  (tmp_path / sweep.FINAL_FILE).write_text(json.dumps(finals))
+  assert [(c["architecture"], c["method"], c["seed"], c["num_steps"]) for c in long()] == [
+      ("gpt", m, s, sweep.LONG_STEPS) for s in sweep.LONG_SEEDS for m in ("adamw", "enorm")]
+  config = sweep.make_config(long()[0], "")
+  assert (config.num_steps, config.warmup_steps) == (sweep.LONG_STEPS, 300)
+
+
 @pytest.mark.slow
 def test_a_whole_sweep_on_generated_text(tmp_path, monkeypatch, data_dir):  # noqa: F811
   flags.FLAGS(["sweep_test", f"--workdir_root={tmp_path / 'work'}", f"--data_dir={data_dir}"])
