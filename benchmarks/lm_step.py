@@ -1,7 +1,7 @@
 r"""Training-step cost of ENorm on the tiny-Shakespeare decoders, side by side.
 
     python -m benchmarks.lm_step [--quick] [--json PATH] [--architectures gpt,llama]
-                                 [--reps N] [--instances K]
+                                 [--reps N] [--instances K] [--methods adamw,enorm,...]
 
 The experiment's own jitted step (`experiments.tinyshakespeare.train`) at its
 default config (4 layers, width 128, batch 32 x 128 characters), one device, for
@@ -62,6 +62,7 @@ def main():
   parser.add_argument("--instances", type=int, default=2,
                       help="compilations per variant (their median is reported)")
   parser.add_argument("--architectures", default="gpt,llama")
+  parser.add_argument("--methods", default="", help="the variants to time (AdamW always)")
   args = parser.parse_args()
   reps = args.reps or (3 if args.quick else 15)
   config = default.get_config()
@@ -70,6 +71,12 @@ def main():
                                                              config.context + 1))
   batch = trainer.shard_batch({"tokens": tokens.astype(np.int32)}, mesh)
   methods = list(train.METHODS) + [RAISING, UNCHECKED]
+  if args.methods:
+    methods = ["adamw"] + [m for m in args.methods.split(",") if m != "adamw"]
+    unknown = set(methods) - set(train.METHODS) - {RAISING, UNCHECKED}
+    if unknown or "enorm" not in methods:
+      parser.error(f"--methods: {sorted(unknown)} unknown, or enorm (whose graph the "
+                   "cycle balances) missing")
   records = []
   for architecture in args.architectures.split(","):
     steps, graphs = {}, {}
