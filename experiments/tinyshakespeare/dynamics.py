@@ -24,12 +24,12 @@ import numpy as np
 from absl import app, flags
 
 import enorm_jax
-from experiments.common import trainer
+from experiments.common import sweeps, trainer
 from experiments.tinyshakespeare import input_pipeline, train
 from experiments.tinyshakespeare.configs import default
 
-DATA_DIR = flags.DEFINE_string("data_dir", "", "Folder holding input.txt.")
-RESULTS_DIR = flags.DEFINE_string("results_dir", "experiments/results", "Output folder.")
+# --data_dir and --results_dir: the sweeps' flags (one definition per process).
+DATA_DIR, RESULTS_DIR = sweeps.DATA_DIR, sweeps.RESULTS_DIR
 ARCHITECTURE = flags.DEFINE_enum("architecture", "gpt", ["gpt", "llama"], "Model.")
 STEPS = flags.DEFINE_integer("steps", 1000, "Training steps (the schedule's length).")
 EVERY = flags.DEFINE_integer("every", 50, "Measure every this many steps.")
