@@ -11,7 +11,7 @@ donated params, with no copy.
 
 Two ways to report a mismatch. ``'record'`` adds no control flow: the updates
 become NaN (so the loss shows it at the next step) and the state keeps which
-leaves differed, for `raise_changed` to name on the host. ``'raise'`` also raises
+leaves differed, for `raise_changed` to name on the host. ``True`` also raises
 from inside jit at the failing step, through a `jax.pure_callback` under a
 `lax.cond` that runs it only on a mismatch; a pure callback leaves the program
 without side effects, so jit keeps its fast dispatch path. The conditional has a

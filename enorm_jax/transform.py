@@ -212,8 +212,7 @@ def _check_settings(graph, p, c, cycles, every_k, include_biases, schedule, bias
   if isinstance(frozen, str):
     raise TypeError(f"frozen must be a collection of parameter paths, got the string "
                     f"{frozen!r}: pass [{frozen!r}].")
-  if check_applied not in (True, False, "record") or isinstance(check_applied, int) and \
-      not isinstance(check_applied, bool):
+  if not (isinstance(check_applied, bool) or check_applied == "record"):
     raise ValueError(f"check_applied must be True, False or 'record', got {check_applied!r}.")
   bias_paths = tuple(sorted({e.path for g in graph for e in g.biases + g.consumer_biases}))
   if bias_steps is None:
