@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +33,6 @@ ARCHITECTURE = flags.DEFINE_enum("architecture", "gpt", ["gpt", "llama"], "Model
 STEPS = flags.DEFINE_integer("steps", 1000, "Training steps (the schedule's length).")
 EVERY = flags.DEFINE_integer("every", 50, "Measure every this many steps.")
 METHODS = ("adamw", "enorm")
-
-
-def weight_kind(path: str) -> str | None:
-  """'block0_attn/query/kernel' -> 'query', 'layers/up/kernel' -> 'up', norms' gains ->
-  'attn_norm'...; None for embeddings, the head and biases."""
-  parts = [re.sub(r"^block\d+_", "", p) for p in path.split("/")]
-  if parts[-1] not in ("kernel", "scale") or parts[0] in ("head", "embed"):
-    return None
-  return parts[-2]
 
 
 def group_family(label: str) -> str:
@@ -73,7 +63,7 @@ def run(method: str, corpus, config, every: int) -> dict:
                       jnp.zeros((1, config.context), jnp.int32))["params"]
   full_graph = train.rescaling_graph(model, params, config)  # every group, for labels
   tx = train.create_optimizer(config, full_graph if method != "adamw" else None)
-  kinds = {p: k for p in enorm_jax.leaves_by_path(params) if (k := weight_kind(p))}
+  kinds = {p: k for p in enorm_jax.leaves_by_path(params) if (k := train.weight_kind(p))}
   state = trainer.TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
                              opt_state=tx.init(params))
   state = jax.device_put(state, trainer.replicated(mesh))

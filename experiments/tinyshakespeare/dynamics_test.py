@@ -3,16 +3,16 @@
 import numpy as np
 import pytest
 
-from experiments.tinyshakespeare import dynamics, input_pipeline
+from experiments.tinyshakespeare import dynamics, input_pipeline, train
 from experiments.tinyshakespeare.train_test import data_dir, tiny_config  # noqa: F401
 
 
 def test_weight_kinds_and_group_families():
-  assert dynamics.weight_kind("block0_attn/query/kernel") == "query"
-  assert dynamics.weight_kind("layers/up/kernel") == "up"
-  assert dynamics.weight_kind("block3_mlp_norm/scale") == "mlp_norm"
-  assert dynamics.weight_kind("block0_attn/query/bias") is None
-  assert dynamics.weight_kind("head/kernel") is None
+  assert train.weight_kind("block0_attn/query/kernel") == "query"
+  assert train.weight_kind("layers/up/kernel") == "up"
+  assert train.weight_kind("block3_mlp_norm/scale") == "mlp_norm"
+  assert train.weight_kind("block0_attn/query/bias") is None
+  assert train.weight_kind("head/kernel") is None
   assert dynamics.group_family("'block1_attn/value outputs'") == "value/out"
   assert dynamics.group_family("'layers/mlp_norm outputs'") == "norm gains"
   assert dynamics.group_family("'layers/up outputs'") == "mlp"
@@ -34,3 +34,4 @@ def test_enorm_balances_paired_kernels_and_records_its_factors(data_dir, archite
   for method in dynamics.METHODS:
     assert np.isfinite(out[method]["validation_loss"])
     assert all(0 < s < 1 for s in out[method]["relative_step"][-1].values())
+

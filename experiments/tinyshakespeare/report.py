@@ -19,6 +19,7 @@ from experiments.tinyshakespeare import sweep
 
 LABELS = {"adamw": "AdamW", "enorm": "ENorm(AdamW), all groups",
           "enorm_mlp": "ENorm(AdamW), MLP only", "enorm_attn": "ENorm(AdamW), attention + norms"}
+MATCHED_LABEL = "AdamW, per-kind rates matched to ENorm's steps"
 TITLES = {"gpt": "GPT-style (LayerNorm, ReLU MLP)",
           "llama": "Llama-style (RMSNorm, RoPE, GQA, SwiGLU, nn.scan)"}
 
@@ -43,22 +44,31 @@ def search_table(records, arch: str = "gpt") -> str:
   return "\n".join(lines)
 
 
+def variant(record) -> tuple:
+  """What a full run varies besides its seed: (method, c, weight decay, rate multipliers)."""
+  return (record["method"], record["c"], sweep.field(record, "weight_decay"),
+          sweep.field(record, "lr_multipliers"))
+
+
+def label(row) -> str:
+  return MATCHED_LABEL if row["lr_multipliers"] else LABELS[row["method"]]
+
+
 def final_rows(records, arch: str = "gpt") -> list[dict]:
-  """Per method (and control): its rate, seeds, final validation loss mean ± std,
-  diverged count."""
-  rows = []
+  """Per method and control: its rate, seeds, final validation loss mean ± std,
+  diverged count. Main runs first, then the controls in the order they first appear."""
+  records = [r for r in records if sweep.field(r, "architecture") == arch]
   wd = sweep.default.get_config().weight_decay
-  variants = [(m, 1.0, wd) for m in sweep.METHODS] + [
-      ("adamw", 1.0, 0.0), ("enorm", 1.0, 0.0), ("enorm", sweep.CONTROL_C, wd)]
-  for method, c, decay in variants:
-    runs = [r for r in records if r["method"] == method and r["c"] == c
-            and sweep.field(r, "weight_decay") == decay
-            and sweep.field(r, "architecture") == arch]
+  variants = [(m, 1.0, wd, "") for m in sweep.METHODS]
+  variants += [v for v in dict.fromkeys(map(variant, records)) if v not in variants]
+  rows = []
+  for key in variants:
+    runs = [r for r in records if variant(r) == key]
     if not runs:
       continue
     losses = [r["val_loss"] for r in runs if r["val_loss"] is not None]
-    rows.append(dict(method=method, c=c, weight_decay=decay, lr=runs[0]["lr"], seeds=len(runs),
-                     diverged=len(runs) - len(losses),
+    rows.append(dict(zip(("method", "c", "weight_decay", "lr_multipliers"), key),
+                     lr=runs[0]["lr"], seeds=len(runs), diverged=len(runs) - len(losses),
                      mean=float(np.mean(losses)) if losses else None,
                      std=float(np.std(losses, ddof=1)) if len(losses) > 1 else None,
                      units=runs[0].get("rescaled_units", 0)))
@@ -68,13 +78,13 @@ def final_rows(records, arch: str = "gpt") -> list[dict]:
 def paired_difference(records, row, arch: str = "gpt") -> str:
   """Mean ± std over seeds of (row - AdamW at the row's weight decay) with the same
   seed (init and data order)."""
-  loss = {(r["method"], r["c"], sweep.field(r, "weight_decay"), r["seed"]): r["val_loss"]
-          for r in records if sweep.field(r, "architecture") == arch}
-  key = (row["method"], row["c"], row["weight_decay"])
-  diffs = [v - loss[("adamw", 1.0, key[2], k[3])] for k, v in loss.items()
-           if k[:3] == key and v is not None
-           and loss.get(("adamw", 1.0, key[2], k[3])) is not None]
-  if row["method"] == "adamw" or not diffs:
+  loss = {(variant(r), r["seed"]): r["val_loss"] for r in records
+          if sweep.field(r, "architecture") == arch}
+  key = (row["method"], row["c"], row["weight_decay"], row["lr_multipliers"])
+  adamw = lambda seed: loss.get((("adamw", 1.0, key[2], ""), seed))
+  diffs = [v - adamw(seed) for (k, seed), v in loss.items()
+           if k == key and v is not None and adamw(seed) is not None]
+  if key == ("adamw", 1.0, key[2], "") or not diffs:
     return "–"
   spread = f" ± {np.std(diffs, ddof=1):.4f}" if len(diffs) > 1 else ""
   return f"{np.mean(diffs):+.4f}{spread} (n={len(diffs)})"
@@ -84,6 +94,7 @@ def final_table(records, arch: str = "gpt") -> str:
   lines = ["| method | c | weight decay | lr | rescaled units | seeds "
            "| final validation loss (nats/char) | minus AdamW, same seed |",
            "|---|---|---|---|---|---|---|---|"]
+  notes = []
   for row in final_rows(records, arch):
     if row["mean"] is None:
       loss = "diverged"
@@ -91,10 +102,14 @@ def final_table(records, arch: str = "gpt") -> str:
       loss = f"{row['mean']:.4f}" + (f" ± {row['std']:.4f}" if row["std"] is not None else "")
       if row["diverged"]:
         loss += f" ({row['diverged']} diverged)"
-    lines.append(f"| {LABELS[row['method']]} | {row['c']:g} | {row['weight_decay']:g} | "
+    lines.append(f"| {label(row)} | {row['c']:g} | {row['weight_decay']:g} | "
                  f"{row['lr']:g} | {row['units']} | {row['seeds']} | {loss} | "
                  f"{paired_difference(records, row, arch)} |")
-  return "\n".join(lines)
+    if row["lr_multipliers"]:
+      notes.append(f"\n{MATCHED_LABEL}: `lr_multipliers={row['lr_multipliers']}` "
+                   "(the median ratio of ENorm's relative step to AdamW's per kind of "
+                   "weight, steps 50-900 of the dynamics run).")
+  return "\n".join(lines + notes)
 
 
 def long_table(records) -> str:
@@ -168,7 +183,7 @@ def render(results_dir: str) -> str:
              f"Learning-rate search, seed 0, {sweep.SEARCH_STEPS} steps "
              "(final validation loss, nats per character):\n\n" + search_table(search, arch) +
              "\n\nFull runs at each method's best rate, then the controls (no weight "
-             "decay; c = 1.2):\n\n" + final_table(finals, arch) + "\n")
+             "decay; c = 1.2; per-kind rates):\n\n" + final_table(finals, arch) + "\n")
   text += long_table(sweeps.read_results(os.path.join(results_dir, sweep.LONG_FILE)))
   text += "\nMade by `python -m experiments.tinyshakespeare.report`.\n"
   with open(os.path.join(results_dir, "tinyshakespeare.md"), "w") as f:

@@ -36,6 +36,15 @@ def test_render_writes_tables_and_figure(tmp_path):
           in text)
   assert "### Llama-style" in text and "| AdamW | 1 | 0.1 | 0.003 | 0 | 1 | 1.4000 | – |" in text
   assert (tmp_path / "tinyshakespeare.md").read_text() == text
+  # AdamW with per-kind rates: its own row, paired with plain AdamW, multipliers named.
+  finals += [dict(_run("adamw", 1e-2, loss, seed, 1000), lr_multipliers="query=1.4")
+             for seed, loss in enumerate((1.45, 1.58))]
+  (tmp_path / sweep.FINAL_FILE).write_text(json.dumps(finals))
+  text = report.render(str(tmp_path))
+  assert (f"| {report.MATCHED_LABEL} | 1 | 0.1 | 0.01 | 0 | 2 | 1.5150 ± 0.0919 "
+          "| -0.0350 ± 0.0212 (n=2) |") in text
+  assert "| AdamW | 1 | 0.1 | 0.01 | 0 | 2 | 1.5500 ± 0.0707 | – |" in text
+  assert "`lr_multipliers=query=1.4`" in text
 
 
 def test_the_longer_schedule_table_gives_the_gap_at_every_evaluation(tmp_path):

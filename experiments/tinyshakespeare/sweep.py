@@ -7,7 +7,10 @@ every method at each rate of `SEARCH_LRS` for `SEARCH_STEPS` steps (the same
 warmup + cosine schedule, compressed). Then the full runs (the default config's
 length) at each method's best rate, for every seed of `SEEDS`. Then the controls
 at the same rates: AdamW and ENorm on every group without weight decay (every
-seed), and ENorm with c = `CONTROL_C` (seed 0). Each finished cell appends a record, with its validation-loss curve, to
+seed), ENorm with c = `CONTROL_C` (seed 0), and, where the dynamics tool has measured an
+architecture (`DYNAMICS_FILE`), AdamW with per-kind learning rates matched to ENorm's
+relative steps (`train.matched_multipliers`, every seed). Each finished cell
+appends a record, with its validation-loss curve, to
 `tinyshakespeare_search.json` or `tinyshakespeare.json`; workers may run in parallel
 (see `experiments.common.sweeps`).
 """
@@ -34,9 +37,11 @@ SEARCH_STEPS = 300
 SEEDS = (0, 1, 2)
 CONTROL_C = 1.2
 LONG_STEPS, LONG_SEEDS = 3000, (0, 1)
-KEY_FIELDS = ("architecture", "method", "c", "weight_decay", "lr", "num_steps", "seed")
+KEY_FIELDS = ("architecture", "method", "c", "weight_decay", "lr", "num_steps", "seed",
+              "lr_multipliers")
 SEARCH_FILE, FINAL_FILE = "tinyshakespeare_search.json", "tinyshakespeare.json"
 LONG_FILE = "tinyshakespeare_long.json"
+DYNAMICS_FILE = "tinyshakespeare_dynamics_{}.json"  # per architecture
 
 
 def field(record, name):
@@ -50,10 +55,12 @@ def cell_key(record) -> tuple:
 
 
 def is_main(record, architecture: str) -> bool:
-  """Whether ``record`` is a main-protocol run (default c and weight decay) of ``architecture``."""
+  """Whether ``record`` is a main-protocol run (default c, weight decay and rates) of
+  ``architecture``."""
   config = default.get_config()
   return (field(record, "architecture") == architecture and record["c"] == 1.0
-          and field(record, "weight_decay") == config.weight_decay)
+          and field(record, "weight_decay") == config.weight_decay
+          and not field(record, "lr_multipliers"))
 
 
 def best_rate(records, method, architecture: str = "gpt") -> float | None:
@@ -105,6 +112,11 @@ def all_cells(results_dir) -> list[tuple[dict, str]]:
     stages[2].extend(final(m, seed, weight_decay=0.0) for seed in SEEDS
                      for m in ("adamw", "enorm") if m in rate)
     stages[2].extend([final("enorm", SEEDS[0], c=CONTROL_C)] if "enorm" in rate else [])
+    dynamics_path = os.path.join(results_dir, DYNAMICS_FILE.format(arch))
+    if "adamw" in rate and os.path.exists(dynamics_path):
+      with open(dynamics_path) as f:
+        matched = train.matched_multipliers(json.load(f))
+      stages[2].extend(final("adamw", seed, lr_multipliers=matched) for seed in SEEDS)
   choice = long_choice(sweeps.read_results(os.path.join(results_dir, FINAL_FILE)))
   if choice is not None:
     arch, method = choice
@@ -130,6 +142,7 @@ def make_config(cell, data_dir):
   config.method, config.c, config.seed = cell["method"], cell["c"], cell["seed"]
   config.architecture = field(cell, "architecture")
   config.weight_decay = field(cell, "weight_decay")
+  config.lr_multipliers = field(cell, "lr_multipliers")
   config.learning_rate = cell["lr"]
   if cell["num_steps"] != config.num_steps:  # stretch or compress the schedule
     scale = cell["num_steps"] / config.num_steps
@@ -140,8 +153,10 @@ def make_config(cell, data_dir):
 
 def cell_workdir(cell, results) -> str:
   stage = os.path.splitext(os.path.basename(results))[0]
+  # Fields at an empty default are left out, as they were before the field existed.
   return os.path.join(sweeps.WORKDIR_ROOT.value, stage,
-                      "_".join(f"{k}={field(cell, k)}" for k in KEY_FIELDS))
+                      "_".join(f"{k}={field(cell, k)}" for k in KEY_FIELDS
+                               if field(cell, k) != ""))
 
 
 def validation_curve(workdir) -> list[list[float]]:

@@ -37,6 +37,27 @@ def test_finals_wait_for_the_search_and_take_the_best_finite_rate(tmp_path):
   assert (config.num_steps, config.warmup_steps) == (sweep.SEARCH_STEPS, 30)
 
 
+def test_the_matched_rate_control_waits_for_the_dynamics_run(tmp_path):
+  flags.FLAGS(["sweep_test"])
+  search = [dict(architecture="gpt", method="adamw", c=1.0, weight_decay=0.1, lr=lr, seed=0,
+                 num_steps=sweep.SEARCH_STEPS, val_loss=loss)
+            for lr, loss in zip(sweep.SEARCH_LRS, (2.0, 1.9, 1.8, 2.1))]
+  (tmp_path / sweep.SEARCH_FILE).write_text(json.dumps(search))
+  matched = lambda: [c for c, _ in sweep.all_cells(str(tmp_path)) if c.get("lr_multipliers")]
+  assert not matched()
+  steps = [1, 50, 100]
+  dynamics = {m: {"step": steps, "relative_step": [{"query": q, "fc1": 1.0}] * 3}
+              for m, q in (("adamw", 1.0), ("enorm", 1.5))}
+  (tmp_path / sweep.DYNAMICS_FILE.format("gpt")).write_text(json.dumps(dynamics))
+  assert [(c["method"], c["lr"], c["seed"], c["lr_multipliers"]) for c in matched()] == [
+      ("adamw", 1e-2, s, "fc1=1.00,query=1.50") for s in sweep.SEEDS]
+  assert not sweep.is_main(matched()[0], "gpt")
+  assert sweep.make_config(matched()[0], "").lr_multipliers == "fc1=1.00,query=1.50"
+  # Cells without multipliers keep the folder names they had before the field existed.
+  assert "lr_multipliers" not in sweep.cell_workdir(search[0], sweep.SEARCH_FILE)
+  assert "lr_multipliers=fc1=1.00" in sweep.cell_workdir(matched()[0], sweep.FINAL_FILE)
+
+
 def test_the_longer_schedule_waits_for_every_full_run_and_takes_the_largest_gain(tmp_path):
   flags.FLAGS(["sweep_test"])
   search = [dict(architecture=a, method=m, c=1.0, weight_decay=0.1, lr=3e-3, seed=0,

@@ -5,11 +5,14 @@ every group `enorm_jax.trace_graph` finds (norm scales, query/key, value/output,
 MLP hidden units); ``enorm_mlp``: the same on the MLP hidden units only;
 ``enorm_attn``: on every group but those, so that each family's own effect shows.
 Architectures (``config.architecture``): ``gpt`` and ``llama`` (`models`).
+``config.lr_multipliers`` scales the learning rate per kind of weight (`weight_kind`),
+for the control that gives AdamW the relative steps ENorm's balance gives it.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import time
 from typing import Any
 
@@ -35,11 +38,69 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.architecture == "llama" and config.num_heads % config.num_kv_heads:
     raise ValueError(f"config.num_heads={config.num_heads} must be a multiple of "
                      f"config.num_kv_heads={config.num_kv_heads}.")
+  parse_lr_multipliers(config.lr_multipliers)
   if config.eval_every_steps < 1:
     raise ValueError("config.eval_every_steps must be >= 1.")
   if not 0 <= config.warmup_steps < config.num_steps:
     raise ValueError(f"config.warmup_steps={config.warmup_steps} must be in "
                      f"[0, num_steps={config.num_steps}).")
+
+
+def weight_kind(path: str) -> str | None:
+  """'block0_attn/query/kernel' -> 'query', 'layers/up/kernel' -> 'up', norms' gains ->
+  'attn_norm'...; None for embeddings, the head and biases."""
+  parts = [re.sub(r"^block\d+_", "", p) for p in path.split("/")]
+  if parts[-1] not in ("kernel", "scale") or parts[0] in ("head", "embed"):
+    return None
+  return parts[-2]
+
+
+def parse_lr_multipliers(text: str) -> dict[str, float]:
+  """``'query=1.4,key=1.4'`` -> ``{'query': 1.4, 'key': 1.4}``; ``''`` -> ``{}``."""
+  multipliers = {}
+  for item in filter(None, (t.strip() for t in text.split(","))):
+    kind, _, value = (t.strip() for t in item.partition("="))
+    try:
+      multiplier = float(value)
+    except ValueError:
+      multiplier = float("nan")
+    if not kind or not multiplier > 0:
+      raise ValueError(f"config.lr_multipliers={text!r}: expected 'kind=multiplier,...' with "
+                       f"multipliers > 0, e.g. 'query=1.4,key=1.4'; got {item!r}.")
+    multipliers[kind] = multiplier
+  return multipliers
+
+
+def per_kind_rates(multipliers: dict[str, float]) -> optax.GradientTransformation:
+  """Multiplies the updates of each kind of weight (`weight_kind`) by its multiplier;
+  chained after AdamW, a per-kind learning rate (decay included)."""
+  def labels(params):
+    paths = list(enorm_jax.leaves_by_path(params))
+    kinds = {weight_kind(p) for p in paths}
+    if unknown := sorted(set(multipliers) - kinds):
+      raise ValueError(f"config.lr_multipliers names {unknown}, which no parameter is; "
+                       f"the kinds are {sorted(k for k in kinds if k)}.")
+    path_iter = iter(paths)
+    return jax.tree.map(lambda _: (k if (k := weight_kind(next(path_iter))) in multipliers
+                                   else "unscaled"), params)
+  transforms = {k: optax.scale(m) for k, m in multipliers.items()}
+  return optax.multi_transform(dict(transforms, unscaled=optax.identity()), labels)
+
+
+def matched_multipliers(results: dict, first: int = 50, last: int = 900) -> str:
+  """From the dynamics tool's ``results``: per kind, the median over measured steps in
+  [first, last] of ENorm's relative step over AdamW's, as `config.lr_multipliers`
+  (2 decimals, kinds sorted): the per-kind rates that give AdamW ENorm's steps."""
+  ratios = {}
+  for step, enorm_step, adamw_step in zip(results["enorm"]["step"],
+                                          results["enorm"]["relative_step"],
+                                          results["adamw"]["relative_step"]):
+    if first <= step <= last:
+      for kind, value in enorm_step.items():
+        ratios.setdefault(kind, []).append(value / adamw_step[kind])
+  if not ratios:
+    raise ValueError(f"no measured step in [{first}, {last}].")
+  return ",".join(f"{k}={np.median(v):.2f}" for k, v in sorted(ratios.items()))
 
 
 def create_model(config, vocab_size: int):
@@ -67,6 +128,8 @@ def create_optimizer(config, graph) -> optax.GradientTransformation:
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
                                                 config.warmup_steps, config.num_steps)
   tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+  if multipliers := parse_lr_multipliers(config.lr_multipliers):
+    tx = optax.chain(tx, per_kind_rates(multipliers))
   if config.method == "adamw":
     return tx
   # 'record': the outermost check without control flow in the step (the raising

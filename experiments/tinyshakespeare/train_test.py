@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import enorm_jax
+
 from experiments.tinyshakespeare import input_pipeline, train
 from experiments.tinyshakespeare.configs import default
 
@@ -98,3 +100,44 @@ def test_bad_settings_fail_early(data_dir, tmp_path):
   with pytest.raises(ValueError, match="config.architecture='gpt2'"):
     train.train_and_evaluate(tiny_config(data_dir, "adamw", architecture="gpt2"),
                              str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="config.lr_multipliers='query'"):
+    train.train_and_evaluate(tiny_config(data_dir, "adamw", lr_multipliers="query"),
+                             str(tmp_path / "m"))
+  with pytest.raises(ValueError, match="got 'key=-1'"):
+    train.parse_lr_multipliers("query=2, key=-1")
+
+
+@pytest.mark.parametrize("architecture", ["gpt", "llama"])
+def test_per_kind_rates_multiply_each_kinds_adamw_update(architecture):
+  config = tiny_config("", "adamw", architecture=architecture, num_kv_heads=1,
+                       llama_mlp_width=24)
+  model = train.create_model(config, 11)
+  params = model.init(jax.random.key(0), jnp.zeros((1, config.context), jnp.int32))["params"]
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+  plain = train.create_optimizer(config, None)
+  config.lr_multipliers = "query=2.5, attn_norm=0.5"
+  scaled = train.create_optimizer(config, None)
+  expected, _ = plain.update(grads, plain.init(params), params)
+  got, _ = scaled.update(grads, scaled.init(params), params)
+  factor = {"query": 2.5, "attn_norm": 0.5}
+  seen = set()
+  for path, g in enorm_jax.leaves_by_path(got).items():
+    kind = train.weight_kind(path)
+    seen.add(kind)
+    np.testing.assert_allclose(g, factor.get(kind, 1.0) * enorm_jax.leaves_by_path(
+        expected)[path], rtol=1e-6, err_msg=path)
+  assert {"query", "attn_norm"} <= seen
+  config.lr_multipliers = "querry=2"
+  with pytest.raises(ValueError, match=r"names \['querry'\], which no parameter is"):
+    train.create_optimizer(config, None).init(params)
+
+
+def test_matched_multipliers_are_median_step_ratios_in_the_window():
+  steps = [1, 50, 100, 150, 950]
+  adamw = [{"query": 1.0, "fc1": 2.0}] * len(steps)
+  enorm = [{"query": q, "fc1": 3.0} for q in (9.0, 1.2, 1.6, 1.3, 9.0)]
+  results = {"adamw": {"step": steps, "relative_step": adamw},
+             "enorm": {"step": steps, "relative_step": enorm}}
+  assert train.matched_multipliers(results) == "fc1=1.50,query=1.30"
+  with pytest.raises(ValueError, match="no measured step"):
+    train.matched_multipliers(results, first=200, last=900)

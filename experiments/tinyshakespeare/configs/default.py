@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 3e-3
   config.warmup_steps = 100                    # then cosine decay to 0
   config.weight_decay = 0.1
+  # Per-kind learning-rate multipliers, 'kind=multiplier,...' with kinds as
+  # `train.weight_kind` names them (query, key, fc1, attn_norm...); '' for none.
+  config.lr_multipliers = ""
   config.seed = 0
   # Bookkeeping.
   config.log_every_steps = 50
