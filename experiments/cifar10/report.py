@@ -119,6 +119,40 @@ def fc_table(records, title) -> tuple[str, dict]:
 
 
 LABEL_ORDER = ("Baseline", "BN", "GN", "ENorm-1", "ENorm-1.2", "ENorm-Impl", "Path-SGD")
+FIGURE8_METHODS = ("Baseline", "BN", "GN", "ENorm-Impl", "Path-SGD")
+
+
+def figure8_table(records, against: str = "ENorm-1.2") -> str:
+  """Figure 8's comparison: at depths where GN, ENorm-Impl or Path-SGD ran, each
+  method at its best setting (`seed_summaries`) minus ``against`` with the same seed
+  (same data order), mean ± std over the seeds both finished, in points."""
+  key = lambda r: (method_label(r), r["depth"])
+  shown = seed_summaries(records, key)
+  depths = sorted({d for m, d in shown if m in ("GN", "ENorm-Impl", "Path-SGD")})
+  if not depths:
+    return ""
+
+  def accuracies(method, depth):  # seed -> accuracy % at the shown setting
+    s = shown.get((method, depth))
+    setting = lambda r: (r["lr"], r.get("gn_groups"), r.get("impl_lambda"))
+    return {} if s is None else {
+        r["seed"]: 100 * r["val_acc"] for r in records
+        if key(r) == (method, depth) and setting(r) == setting(s) and r.get("val_acc") is not None}
+
+  lines = [f"### Figure 8: each method minus {against}, same seed", "",
+           f"Validation accuracy points, mean ± std over the seeds both finished (seeds in "
+           f"brackets); each method at its setting in the table above.", "",
+           "| method | " + " | ".join(f"depth {d}" for d in depths) + " |",
+           "|---" * (len(depths) + 1) + "|"]
+  for method in FIGURE8_METHODS:
+    cells = []
+    for depth in depths:
+      ours, theirs = accuracies(method, depth), accuracies(against, depth)
+      seeds = sorted(set(ours) & set(theirs))
+      cells.append(f"{_mean_std([ours[s] - theirs[s] for s in seeds], signed=True)} "
+                   f"({','.join(map(str, seeds))})" if seeds else "–")
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def fc_figure(best, path, title):
@@ -267,6 +301,8 @@ def render(d: str) -> None:
     with open(path) as f:
       records = json.load(f)
     table, best = fc_table(records, title)
+    if name == "cifar10_fc":
+      table += "\n" + figure8_table(records)
     _write(os.path.join(d, f"{name}.md"), table)
     fc_figure(best, os.path.join(d, f"{name}.png"), title)
     print(table)

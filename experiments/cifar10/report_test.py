@@ -122,3 +122,20 @@ def test_table2_pairs_each_method_with_the_baseline_seed_by_seed():
   assert "| ENorm-1.2 | – / 61.00 / div. | 0.05 | 72.50 ± 2.12 | +1.50 ± 0.71 | 0,1 (1 diverged) |" \
       in table
   assert "| GN | – / – / – | – | – |  |  |" in table
+
+
+def test_figure8_table_pairs_each_method_with_enorm_at_its_best_setting():
+  def run(method, depth, lr, seed, acc, **kw):
+    return dict(method=method, c=1.2 if method == "enorm" else 1.0, depth=depth, lr=lr,
+                seed=seed, val_acc=acc, **kw)
+  records = [run("enorm", 3, 0.1, s, a) for s, a in ((0, 0.55), (1, 0.56), (2, 0.57))]
+  records += [run("gn", 3, 0.1, s, a, gn_groups=5) for s, a in ((0, 0.54), (1, 0.54))]
+  records += [run("gn", 3, 0.1, 0, 0.30, gn_groups=50)]  # a worse setting: not shown
+  records += [run("path_sgd", 3, 0.01, s, a) for s, a in ((0, 0.53), (1, None), (2, 0.55))]
+  records += [run("baseline", 1, 0.1, 0, 0.5)]  # no Figure 8 method at depth 1
+  table = report.figure8_table(records)
+  assert "| method | depth 3 |" in table
+  assert "| GN | -1.50 ± 0.71 (0,1) |" in table
+  assert "| Path-SGD | -2.00 ± 0.00 (0,2) |" in table
+  assert "| ENorm-Impl | – |" in table
+  assert report.figure8_table(records[:3]) == ""
