@@ -4,12 +4,13 @@ r"""Resumable sweep of the tiny-Shakespeare experiment: AdamW against enorm(Adam
 
 For each architecture of `ARCHITECTURES`, first a SHORTENED learning-rate search:
 every method at each rate of `SEARCH_LRS` for `SEARCH_STEPS` steps (the same
-warmup + cosine schedule, compressed). Then the full runs (the default config's
-length) at each method's best rate, for every seed of `SEEDS`. Then the controls
-at the same rates: AdamW and ENorm on every group without weight decay (every
-seed), ENorm with c = `CONTROL_C` (seed 0), and, where the dynamics tool has measured an
-architecture (`DYNAMICS_FILE`), AdamW with per-kind learning rates matched to ENorm's
-relative steps (`train.matched_multipliers`, every seed). Each finished cell
+warmup + cosine schedule, compressed). Then, architecture by architecture, the full
+runs (the default config's length) at each method's best rate for every seed of
+`SEEDS`, and the controls at the same rates: AdamW with per-kind learning rates
+matched to ENorm's relative steps (`train.matched_multipliers`, every seed; where
+the dynamics tool has measured the architecture, `DYNAMICS_FILE`), AdamW and ENorm
+on every group without weight decay (every seed), and ENorm with c = `CONTROL_C`
+(seed 0). Last, the longer schedule (`long_choice`). Each finished cell
 appends a record, with its validation-loss curve, to
 `tinyshakespeare_search.json` or `tinyshakespeare.json`; workers may run in parallel
 (see `experiments.common.sweeps`).
@@ -93,11 +94,12 @@ def long_choice(finals) -> tuple[str, str] | None:
 
 def all_cells(results_dir) -> list[tuple[dict, str]]:
   """(cell, results file) pairs in priority order: every architecture's search, then
-  the full runs seed by seed, then the controls, then the longer schedule."""
+  architecture by architecture its full runs seed by seed and its controls (the
+  matched per-kind rates first), then the longer schedule."""
   config = default.get_config()
   search = sweeps.read_results(os.path.join(results_dir, SEARCH_FILE))
   searched = {cell_key(r) for r in search}
-  stages = ([], [], [], [])  # search, full runs, controls, longer schedule
+  stages = ([], [], [])  # search, full runs and controls, longer schedule
   for arch in ARCHITECTURES:
     base = dict(architecture=arch, c=1.0, weight_decay=config.weight_decay)
     arch_search = [dict(base, method=m, lr=lr, num_steps=SEARCH_STEPS, seed=0)
@@ -109,20 +111,20 @@ def all_cells(results_dir) -> list[tuple[dict, str]]:
     final = lambda m, seed, **kw: (dict(base, method=m, lr=rate[m], num_steps=config.num_steps,
                                         seed=seed, **kw), FINAL_FILE)
     stages[1].extend(final(m, seed) for seed in SEEDS for m in METHODS if m in rate)
-    stages[2].extend(final(m, seed, weight_decay=0.0) for seed in SEEDS
-                     for m in ("adamw", "enorm") if m in rate)
-    stages[2].extend([final("enorm", SEEDS[0], c=CONTROL_C)] if "enorm" in rate else [])
     dynamics_path = os.path.join(results_dir, DYNAMICS_FILE.format(arch))
     if "adamw" in rate and os.path.exists(dynamics_path):
       with open(dynamics_path) as f:
         matched = train.matched_multipliers(json.load(f))
-      stages[2].extend(final("adamw", seed, lr_multipliers=matched) for seed in SEEDS)
+      stages[1].extend(final("adamw", seed, lr_multipliers=matched) for seed in SEEDS)
+    stages[1].extend(final(m, seed, weight_decay=0.0) for seed in SEEDS
+                     for m in ("adamw", "enorm") if m in rate)
+    stages[1].extend([final("enorm", SEEDS[0], c=CONTROL_C)] if "enorm" in rate else [])
   choice = long_choice(sweeps.read_results(os.path.join(results_dir, FINAL_FILE)))
   if choice is not None:
     arch, method = choice
     base = dict(architecture=arch, c=1.0, weight_decay=config.weight_decay,
                 num_steps=LONG_STEPS)
-    stages[3].extend((dict(base, method=m, lr=best_rate(search, m, arch), seed=seed),
+    stages[2].extend((dict(base, method=m, lr=best_rate(search, m, arch), seed=seed),
                       LONG_FILE) for seed in LONG_SEEDS for m in ("adamw", method))
   return [cell for stage in stages for cell in stage]
 
