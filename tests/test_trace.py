@@ -35,8 +35,9 @@ PAPER = {
 }
 
 
-@pytest.mark.parametrize("name", [n if n != "resnet18c_imagenet" else pytest.param(
-    n, marks=pytest.mark.slow) for n in sorted(PAPER)])  # the ImageNet stem: slow
+# Slow: the ImageNet stem, and CIFAR-NV (a plain conv chain, as in test_graph's chains).
+@pytest.mark.parametrize("name", [n if n not in ("resnet18c_imagenet", "cifar_nv") else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in sorted(PAPER)])
 def test_traced_graph_equals_hand_declared_graph(name):
   model, shape = PAPER[name]
   x = jax.random.normal(KEY, shape)

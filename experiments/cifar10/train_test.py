@@ -41,9 +41,12 @@ def run(config, workdir):
   return metrics, state
 
 
+# Every method runs on FC by default; on CIFAR-NV, BN and ENorm by default and
+# the others in the slow set.
 @pytest.mark.parametrize("model,method", [
-    ("fc", m) for m in METHODS] + [("cifar_nv", m) for m in METHODS
-                                         if m != "path_sgd"])
+    ("fc", m) for m in METHODS] + [
+        ("cifar_nv", m) if m in ("bn", "enorm") else
+        pytest.param("cifar_nv", m, marks=pytest.mark.slow) for m in METHODS if m != "path_sgd"])
 def test_one_short_run_per_method(image_folder, tmp_path, model, method):
   config = small_config(image_folder, tmp_path, model, method)
   metrics, state = run(config, tmp_path / "work")
