@@ -50,12 +50,30 @@ def abs_pow(x: jax.Array, p) -> jax.Array:
   return jnp.abs(x) ** p
 
 
+def sum_trailing(x: jax.Array, count: int) -> jax.Array:
+  """Sums the ``count`` trailing axes of ``x`` by a product with a vector of ones.
+
+  XLA:CPU (jax 0.10) splits the reduction of a long minor axis and writes its
+  operand (e.g. ``w * w``) to memory first; the matrix-vector product fuses the
+  operand and reads ``x`` once. Side by side, a sequential cycle takes 5-25 %
+  less time this way on FC-15, CIFAR-NV, ResNet-18C and the tiny-Shakespeare
+  models (`benchmarks/RESULTS.md`).
+  """
+  n = math.prod(x.shape[x.ndim - count:])
+  s = jnp.dot(x.reshape(-1, n), jnp.ones((n,), x.dtype), precision=lax.Precision.HIGHEST)
+  return s.reshape(x.shape[:x.ndim - count])
+
+
 def unit_reduce(x: jax.Array, r: ResolvedEntry, size: int, op=jnp.sum) -> jax.Array:
   """Reduces ``x`` (in ``r.view`` shape) to one value per unit of the group."""
   others = tuple(a for a in range(len(r.view)) if a not in r.axes)
   leading = next(i for i in range(len(r.view) + 1) if i not in others)
   if op is jnp.sum and 1 < math.prod(r.view[:leading]) <= MAX_SLICES:
     x = sum_leading(x, leading)
+  trailing = [a for a in others if a > max(r.axes)]  # the last axes of x
+  if op is jnp.sum and math.prod(r.view[a] for a in trailing) > 1:
+    x = sum_trailing(x, len(trailing))
+    others = tuple(a for a in others if a not in trailing)
   return to_units(op(x, axis=others) if others else x, r, size)
 
 
