@@ -147,6 +147,7 @@ def test_energy_never_increases_and_minimum_is_unique(p, c):
     chex.assert_trees_all_close(other, finals[0], rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # test_properties checks the unique minimum on random nets by default
 def test_type_c_resnet_converges_to_unique_minimum():
   model = ResNet18C(stem="cifar", num_classes=10, widths=(4, 8, 8, 8))
   params = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))["params"]

@@ -35,7 +35,7 @@ def _only_biases(inner):
 
 @pytest.mark.parametrize("make_inner", [
     lambda: optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.05, momentum=0.9)),
-    lambda: optax.adamw(1e-2, weight_decay=1e-2),
+    pytest.param(lambda: optax.adamw(1e-2, weight_decay=1e-2), marks=pytest.mark.slow),
 ])
 def test_unbalanced_bias_steps_follow_the_unbalanced_network(make_inner):
   """With frozen kernels, ENorm only moves the net along its rescaling orbit, so with

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_graph.py", "tests/test_nnx_recipes.py", "tests/test_training_loops.py"]
 
@@ -33,6 +35,7 @@ def test_every_runtime_dependency_declares_a_lower_bound():
   assert set(declared_minimums()) == {"jax", "flax", "optax"}
 
 
+@pytest.mark.slow  # ~3 min (a fresh environment from the registry): run with -m slow
 def test_library_tests_pass_on_the_oldest_declared_versions(tmp_path):
   minimums = declared_minimums()
   pins = [f"{name}=={version}" for name, version in minimums.items()]

@@ -70,7 +70,7 @@ def test_fsdp_sharded_matches_single_device(mesh, dim):
   assert out["Dense_1"]["kernel"].sharding.is_equivalent_to(shardings["Dense_1"]["kernel"], 2)
 
 
-@pytest.mark.parametrize("dim", [None, 0, 1])
+@pytest.mark.parametrize("dim", [pytest.param(None, marks=pytest.mark.slow), 0, 1])
 def test_enorm_step_matches_single_device(mesh, dim):
   params, graph = setup_chain()
   tx = enorm_jax.enorm(optax.chain(optax.add_decayed_weights(1e-3),

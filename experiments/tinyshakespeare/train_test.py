@@ -42,7 +42,8 @@ def test_the_split_is_the_first_90_percent(data_dir):
 
 
 @pytest.mark.parametrize("method, units", [  # enorm trains in the next test
-    pytest.param("enorm_mlp", 2 * 32, marks=pytest.mark.slow), ("adamw", 0)])
+    pytest.param("enorm_mlp", 2 * 32, marks=pytest.mark.slow),
+    pytest.param("adamw", 0, marks=pytest.mark.slow)])
 def test_each_method_trains(data_dir, tmp_path, method, units):
   _, metrics = train.train_and_evaluate(tiny_config(data_dir, method), str(tmp_path))
   assert np.isfinite(metrics["validation_loss"])
