@@ -75,14 +75,12 @@ def per_kind_rates(multipliers: dict[str, float]) -> optax.GradientTransformatio
   """Multiplies the updates of each kind of weight (`weight_kind`) by its multiplier;
   chained after AdamW, a per-kind learning rate (decay included)."""
   def labels(params):
-    paths = list(enorm_jax.leaves_by_path(params))
-    kinds = {weight_kind(p) for p in paths}
-    if unknown := sorted(set(multipliers) - kinds):
+    kinds = [weight_kind(p) for p in enorm_jax.leaves_by_path(params)]  # leaf order
+    if unknown := sorted(set(multipliers) - set(kinds)):
       raise ValueError(f"config.lr_multipliers names {unknown}, which no parameter is; "
-                       f"the kinds are {sorted(k for k in kinds if k)}.")
-    path_iter = iter(paths)
-    return jax.tree.map(lambda _: (k if (k := weight_kind(next(path_iter))) in multipliers
-                                   else "unscaled"), params)
+                       f"the kinds are {sorted({k for k in kinds if k})}.")
+    return jax.tree.unflatten(jax.tree.structure(params),
+                              [k if k in multipliers else "unscaled" for k in kinds])
   transforms = {k: optax.scale(m) for k, m in multipliers.items()}
   return optax.multi_transform(dict(transforms, unscaled=optax.identity()), labels)
 
