@@ -80,6 +80,17 @@ def _sum_taps(rows):
   return sum(rows[i] for i in range(len(rows)))
 
 
+def _rows_sum(rows):
+  """Sums the last axis of 2-D ``rows`` by a matrix-vector product with ones.
+
+  On XLA:CPU (jax 0.10) this fuses the operand and reads ``rows`` once; a
+  reduction of a long last axis, or a vector-matrix product, writes its operand
+  first and reads it again (several times slower).
+  """
+  ones = jnp.ones((rows.shape[-1],), rows.dtype)
+  return jnp.dot(rows, ones, precision=jax.lax.Precision.HIGHEST)
+
+
 def _is_matrix(w) -> bool:
   """A dense or 1x1-conv kernel: nothing but its input and output axes."""
   return w.ndim >= 2 and w.size == w.shape[-2] * w.shape[-1]
@@ -90,7 +101,8 @@ def unit_norms(params):
 
   These are the two reductions an exact cycle needs at least once per weight,
   written as `balance` writes them (a conv's taps summed by slice additions
-  first, then matrix-vector products; a dense kernel reduced directly), but
+  first; sums over the last axis as matrix-vector products with ones, sums over
+  the input axis as reductions), but
   unweighted and with no write-back. A barrier orders a dense kernel's two
   reductions, as a cycle's factors do, so XLA cannot fuse them into one loop.
   """
@@ -102,10 +114,10 @@ def unit_norms(params):
       w = w.reshape(w.shape[-2:])
       over_inputs = jnp.sum(w * w, axis=0)
       w, over_inputs = jax.lax.optimization_barrier((w, over_inputs))
-      sums += [over_inputs, jnp.sum(w * w, axis=1)]
+      sums += [over_inputs, _rows_sum(w * w)]
     else:
       stat = _sum_taps((w * w).reshape(-1, *w.shape[-2:]))
-      sums += [jnp.ones(stat.shape[0]) @ stat, stat @ jnp.ones(stat.shape[1])]
+      sums += [jnp.sum(stat, axis=0), _rows_sum(stat)]
   return sums
 
 
@@ -119,7 +131,7 @@ def last_axis_norms(params, weighted: bool = False):
     sq = w * w
     if weighted:
       sq = sq * jnp.linspace(0.5, 1.5, w.shape[-1], dtype=w.dtype)
-    return jnp.sum(sq, axis=-1)
+    return _rows_sum(sq.reshape(-1, w.shape[-1])).reshape(w.shape[:-1])
   return [norms(w) for w in jax.tree.leaves(params) if w.ndim >= 2]
 
 
@@ -127,15 +139,14 @@ def _fast_read(w):
   """A scalar that depends on every element of ``w``, by XLA:CPU's fastest reads.
 
   Leading axes of at most 64 elements (conv taps) are summed by slice
-  additions, then one matrix-vector product reads the rest.
+  additions, then one matrix-vector product with ones reads the rest.
   """
   if w.ndim < 2:
     return jnp.sum(w)
   rows = w.reshape(-1, *w.shape[-2:])
   if 1 < len(rows) <= 64:
     rows = _sum_taps(rows)[None]
-  rows = rows.reshape(-1, w.shape[-1])
-  return jnp.sum(jnp.ones((rows.shape[0],), w.dtype) @ rows)
+  return jnp.sum(_rows_sum(rows.reshape(-1, w.shape[-1])))
 
 
 def read_then_write(params):
@@ -176,7 +187,7 @@ def read_twice_then_write(params, graph, per_unit: bool = False):
     if path in twice and _is_matrix(w):
       w = w.reshape(w.shape[-2:])
       weights = 1.0 + _NUDGE * first * jnp.arange(w.shape[0], dtype=w.dtype)
-      second = second + jnp.sum(jnp.sum((w / weights[:, None]) ** 2, axis=0))
+      second = second + jnp.sum(_rows_sum((w / weights[:, None]) ** 2))
   total = first + second
 
   def unit_factors(n, dtype):
