@@ -99,6 +99,43 @@ def expand(t: jax.Array, r: ResolvedEntry, size: int) -> jax.Array:
   return m.reshape([r.view[a] if a in r.axes else 1 for a in range(len(r.view))])
 
 
+def _reshape_runs(view: tuple[int, ...], shape: tuple[int, ...]):
+  """The runs of a reshape from ``view`` to ``shape``: (view axes, shape axes) pairs
+  whose sizes have equal products, in order; trailing size-1 axes join the last run."""
+  runs, i, j = [], 0, 0
+  while i < len(view) and j < len(shape):
+    a, b, pa, pb = [i], [j], view[i], shape[j]
+    i, j = i + 1, j + 1
+    while pa != pb:
+      if pa < pb:
+        a.append(i)
+        pa, i = pa * view[i], i + 1
+      else:
+        b.append(j)
+        pb, j = pb * shape[j], j + 1
+    runs.append((a, b))
+  runs[-1][0].extend(range(i, len(view)))
+  runs[-1][1].extend(range(j, len(shape)))
+  return runs
+
+
+def fit(m: jax.Array, r: ResolvedEntry) -> jax.Array:
+  """``m`` (which broadcasts against ``r.view``) as a multiplier of the parameter's
+  own shape ``r.shape``: broadcast over the runs of the reshape that hold a unit
+  axis, size 1 elsewhere. A leaf scaled by it is never reshaped, so XLA writes it
+  in place (a reshaped leaf is copied into its donated buffer)."""
+  if r.view == r.shape or 0 in r.shape:
+    return m.reshape([1] * (len(r.shape) - m.ndim) + list(m.shape))
+  full, target = list(m.shape), []
+  for a, b in _reshape_runs(r.view, r.shape):
+    if any(m.shape[k] > 1 for k in a):
+      full[a[0]:a[-1] + 1] = r.view[a[0]:a[-1] + 1]
+      target += [r.shape[k] for k in b]
+    else:
+      target += [1] * len(b)
+  return jnp.broadcast_to(m, full).reshape(target)
+
+
 def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Veltkamp split of float32 ``a`` into two halves whose products are exact."""
   c = lax.optimization_barrier(a * 4097.0)  # barriers keep XLA from simplifying
@@ -205,15 +242,13 @@ class Plan:
       exponent = sign * power
       if exponent == 0:
         continue
-      m = expand(t[gi], r, self.groups[gi].size)
-      x = x.reshape(r.view)
+      m = fit(expand(t[gi], r, self.groups[gi].size), r)
       if exponent == 1:
         x = x * m
       elif exponent == -1:
         x = divide(x, m) if exact else x / m
       else:
         x = x * m ** exponent
-    x = x.reshape(shape)
     if shift:
       x = x - shift
     if path in self.recurrent.values() and 1 in signs and -1 in signs:

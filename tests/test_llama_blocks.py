@@ -6,6 +6,7 @@ norm gains, one query/key unit per (K/V head, rotated pair), one value/output
 unit per (K/V head, head dim) and one up/down unit per MLP feature."""
 
 import collections
+import re
 
 import flax.linen as nn
 import jax
@@ -133,3 +134,27 @@ def test_every_exact_unit_of_a_llama_decoder(style, scanned, grouped, remat):
   balanced, _ = enorm_jax.balance(params, graph, cycles=3)
   np.testing.assert_allclose(fn(balanced, tokens), fn(params, tokens), rtol=2e-4, atol=2e-4)
   enorm_jax.check_graph(fn, params, graph, tokens)
+
+
+def test_a_donated_cycle_writes_every_kernel_in_place():
+  """Stacked kernels whose units are (layer, K/V head, rotated pair) are scaled
+  through a reshaped view; the donated cycle still writes every leaf in place
+  (no copy into its buffer), and the query kernel is exactly as by hand."""
+  model = Llama("split", scanned=True, grouped=True)
+  tokens = jax.random.randint(jax.random.key(1), (2, T), 0, VOCAB)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  graph = enorm_jax.trace_graph(lambda p, t: model.apply({"params": p}, t), params, tokens)
+  cycle = jax.jit(lambda p: enorm_jax.balance(p, graph), donate_argnums=0)
+  hlo = cycle.lower(params).compile().as_text()
+  kernel_copies = [line for line in hlo.splitlines()
+                   if re.search(r"f32\[\d+(,\d+)+\]\{[0-9,]*\} copy\(", line)]
+  assert not kernel_copies, kernel_copies
+  balanced, scales = cycle(jax.tree.map(jnp.copy, params))
+  index = {g.producers[0].path: i for i, g in enumerate(graph)}
+  d = np.asarray(scales[index["layers/wq/kernel"]]).reshape(LAYERS, KV_HEADS, HD // 2)
+  norm = np.asarray(scales[index["layers/attn_norm/scale"]]).reshape(LAYERS, D)
+  heads = np.arange(HEADS) // (HEADS // KV_HEADS)
+  per_dim = np.stack([_pair_factors(d[i], "split")[heads] for i in range(LAYERS)])
+  expected = (np.asarray(params["layers"]["wq"]["kernel"]) / norm[:, :, None, None]
+              * per_dim[:, None])
+  np.testing.assert_allclose(balanced["layers"]["wq"]["kernel"], expected, rtol=1e-6)
