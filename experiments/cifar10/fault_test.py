@@ -42,6 +42,21 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
   assert "unreadable" in caplog.text and "falling back" in caplog.text
 
 
+def test_a_checkpoint_of_another_structure_is_skipped_then_replaced(tmp_path, caplog):
+  """A run resumed after the state's structure changed starts afresh and saves
+  over the stale checkpoint at the same step."""
+  stale = trainer.TrainState(step=jnp.asarray(2, jnp.int32), params={"v": jnp.ones(3)},
+                             batch_stats={}, opt_state=())
+  trainer.Checkpoints(str(tmp_path)).save(stale)
+  checkpoints = trainer.Checkpoints(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    assert checkpoints.restore_latest(tiny_state(0)) is None
+    checkpoints.save(tiny_state(2))
+  assert "unreadable" in caplog.text and "Replacing the checkpoint at step 2" in caplog.text
+  restored = trainer.Checkpoints(str(tmp_path)).restore_latest(tiny_state(0))
+  assert int(restored.step) == 2 and float(restored.params["w"][0, 0]) == 2.0
+
+
 def test_unwritable_workdir_fails_at_start_up(image_folder, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")

@@ -100,8 +100,13 @@ class Checkpoints:
                                              enable_async_checkpointing=False))
 
   def save(self, state: TrainState) -> None:
-    self.manager.save(int(jax.device_get(state.step)), args=ocp.args.StandardSave(state),
-                      force=True)
+    """Saves ``state`` at its step, replacing a checkpoint already there (one that
+    `restore_latest` skipped as unreadable, e.g. of an older state structure)."""
+    step = int(jax.device_get(state.step))
+    if step in self.manager.all_steps():
+      log.warning("Replacing the checkpoint at step %d in %s.", step, self.directory)
+      self.manager.delete(step)
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
     self.manager.wait_until_finished()
 
   def restore_latest(self, template: TrainState) -> TrainState | None:
