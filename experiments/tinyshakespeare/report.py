@@ -20,6 +20,7 @@ from experiments.tinyshakespeare import sweep
 LABELS = {"adamw": "AdamW", "enorm": "ENorm(AdamW), all groups",
           "enorm_mlp": "ENorm(AdamW), MLP only", "enorm_attn": "ENorm(AdamW), attention + norms"}
 MATCHED_LABEL = "AdamW, per-kind rates matched to ENorm's steps"
+UNIFORM_LABEL = "AdamW, every kind at the matched rates' RMS"
 TITLES = {"gpt": "GPT-style (LayerNorm, ReLU MLP)",
           "llama": "Llama-style (RMSNorm, RoPE, GQA, SwiGLU, nn.scan)"}
 
@@ -50,8 +51,16 @@ def variant(record) -> tuple:
           sweep.field(record, "lr_multipliers"))
 
 
+def is_uniform(multipliers: str) -> bool:
+  """Whether ``multipliers`` names several kinds, all at the same multiplier."""
+  values = [t.partition("=")[2] for t in multipliers.split(",")]
+  return len(values) > 1 and len(set(values)) == 1
+
+
 def label(row) -> str:
-  return MATCHED_LABEL if row["lr_multipliers"] else LABELS[row["method"]]
+  if not row["lr_multipliers"]:
+    return LABELS[row["method"]]
+  return UNIFORM_LABEL if is_uniform(row["lr_multipliers"]) else MATCHED_LABEL
 
 
 def final_rows(records, arch: str = "gpt") -> list[dict]:
@@ -105,7 +114,11 @@ def final_table(records, arch: str = "gpt") -> str:
     lines.append(f"| {label(row)} | {row['c']:g} | {row['weight_decay']:g} | "
                  f"{row['lr']:g} | {row['units']} | {row['seeds']} | {loss} | "
                  f"{paired_difference(records, row, arch)} |")
-    if row["lr_multipliers"]:
+    if row["lr_multipliers"] and is_uniform(row["lr_multipliers"]):
+      notes.append(f"\n{UNIFORM_LABEL}: `lr_multipliers={row['lr_multipliers']}` "
+                   "(the matched multipliers' root mean square, weighted by each kind's "
+                   "parameter count: their total step without their reallocation).")
+    elif row["lr_multipliers"]:
       notes.append(f"\n{MATCHED_LABEL}: `lr_multipliers={row['lr_multipliers']}` "
                    "(the median ratio of ENorm's relative step to AdamW's per kind of "
                    "weight, steps 50-900 of the dynamics run).")

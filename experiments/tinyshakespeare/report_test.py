@@ -45,6 +45,13 @@ def test_render_writes_tables_and_figure(tmp_path):
           "| -0.0350 ± 0.0212 (n=2) |") in text
   assert "| AdamW | 1 | 0.1 | 0.01 | 0 | 2 | 1.5500 ± 0.0707 | – |" in text
   assert "`lr_multipliers=query=1.4`" in text
+  # Its uniform control (every kind at one multiplier): a row of its own.
+  finals += [dict(_run("adamw", 1e-2, 1.52, 0, 1000), lr_multipliers="fc1=1.2,query=1.2")]
+  (tmp_path / sweep.FINAL_FILE).write_text(json.dumps(finals))
+  text = report.render(str(tmp_path))
+  assert f"| {report.UNIFORM_LABEL} | 1 | 0.1 | 0.01 | 0 | 1 | 1.5200 | +0.0200 (n=1) |" in text
+  assert f"| {report.MATCHED_LABEL} | 1 | 0.1 | 0.01 | 0 | 2 |" in text
+  assert "`lr_multipliers=fc1=1.2,query=1.2` (the matched multipliers' root mean" in text
 
 
 def test_the_longer_schedule_table_gives_the_gap_at_every_evaluation(tmp_path):

@@ -49,8 +49,11 @@ def test_the_matched_rate_control_waits_for_the_dynamics_run(tmp_path):
   dynamics = {m: {"step": steps, "relative_step": [{"query": q, "fc1": 1.0}] * 3}
               for m, q in (("adamw", 1.0), ("enorm", 1.5))}
   (tmp_path / sweep.DYNAMICS_FILE.format("gpt")).write_text(json.dumps(dynamics))
+  # The matched rates, then their uniform control: sqrt((4 * 1.5^2 + 16 * 1^2) / 20)
+  # with fc1 four times query's parameter count.
   assert [(c["method"], c["lr"], c["seed"], c["lr_multipliers"]) for c in matched()] == [
-      ("adamw", 1e-2, s, "fc1=1.00,query=1.50") for s in sweep.SEEDS]
+      ("adamw", 1e-2, s, "fc1=1.00,query=1.50") for s in sweep.SEEDS] + [
+      ("adamw", 1e-2, s, "fc1=1.12,query=1.12") for s in sweep.SEEDS]
   assert not sweep.is_main(matched()[0], "gpt")
   assert sweep.make_config(matched()[0], "").lr_multipliers == "fc1=1.00,query=1.50"
   # Cells without multipliers keep the folder names they had before the field existed.

@@ -12,6 +12,7 @@ for the control that gives AdamW the relative steps ENorm's balance gives it.
 from __future__ import annotations
 
 import functools
+import math
 import re
 import time
 from typing import Any
@@ -99,6 +100,33 @@ def matched_multipliers(results: dict, first: int = 50, last: int = 900) -> str:
   if not ratios:
     raise ValueError(f"no measured step in [{first}, {last}].")
   return ",".join(f"{k}={np.median(v):.2f}" for k, v in sorted(ratios.items()))
+
+
+def uniform_multipliers(matched: str, sizes: dict[str, int]) -> str:
+  """The control for `matched_multipliers`: every kind of ``matched`` at one
+  multiplier, their root mean square weighted by each kind's parameter count
+  (``sizes``), so AdamW's update has the matched runs' total size without their
+  reallocation between kinds."""
+  multipliers = parse_lr_multipliers(matched)
+  if missing := sorted(set(multipliers) - set(sizes)):
+    raise ValueError(f"sizes has no parameter count for {missing}.")
+  n = np.array([sizes[k] for k in multipliers], np.float64)
+  m = np.array(list(multipliers.values()), np.float64)
+  rms = float(np.sqrt(np.sum(n * m * m) / np.sum(n)))
+  return ",".join(f"{k}={rms:.2f}" for k in sorted(multipliers))
+
+
+def kind_sizes(config) -> dict[str, int]:
+  """Parameter count of each kind of weight (`weight_kind`) of ``config``'s model
+  (the embedding and the head have no kind, so the vocabulary does not matter)."""
+  model = create_model(config, vocab_size=2)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, config.context), jnp.int32))["params"]
+  sizes = {}
+  for path, leaf in enorm_jax.leaves_by_path(shapes).items():
+    if (kind := weight_kind(path)) is not None:
+      sizes[kind] = sizes.get(kind, 0) + math.prod(leaf.shape)
+  return sizes
 
 
 def create_model(config, vocab_size: int):

@@ -144,3 +144,17 @@ def test_matched_multipliers_are_median_step_ratios_in_the_window():
   assert train.matched_multipliers(results) == "fc1=1.50,query=1.30"
   with pytest.raises(ValueError, match="no measured step"):
     train.matched_multipliers(results, first=200, last=900)
+
+
+def test_the_uniform_control_has_the_matched_rates_size_weighted_rms():
+  sizes = {"query": 100, "fc1": 300, "attn_norm": 5}
+  # sqrt((100 * 2^2 + 300 * 1^2) / 400) = sqrt(1.75)
+  assert train.uniform_multipliers("fc1=1.0,query=2.0", sizes) == "fc1=1.32,query=1.32"
+  with pytest.raises(ValueError, match="no parameter count for \\['key'\\]"):
+    train.uniform_multipliers("key=1.5", sizes)
+  gpt = default.get_config()
+  sizes = train.kind_sizes(gpt)
+  w, m = gpt.width, gpt.mlp_width
+  assert sizes["query"] == sizes["out"] == gpt.num_layers * w * w
+  assert sizes["fc1"] == sizes["fc2"] == gpt.num_layers * w * m
+  assert sizes["attn_norm"] == gpt.num_layers * w and sizes["final_norm"] == w
