@@ -61,7 +61,9 @@ def sum_trailing(x: jax.Array, count: int) -> jax.Array:
   """
   n = math.prod(x.shape[x.ndim - count:])
   s = jnp.dot(x.reshape(-1, n), jnp.ones((n,), x.dtype), precision=lax.Precision.HIGHEST)
-  return s.reshape(x.shape[:x.ndim - count])
+  # Without the barrier XLA fuses the addition of two entries' sums into the
+  # second product, which then writes its operand (w * w) to memory first.
+  return lax.optimization_barrier(s.reshape(x.shape[:x.ndim - count]))
 
 
 def unit_reduce(x: jax.Array, r: ResolvedEntry, size: int, op=jnp.sum) -> jax.Array:
