@@ -99,4 +99,3 @@ def test_jax_nn_dot_product_attention_with_masks():
   balanced, _ = enorm_jax.balance(params, graph, cycles=3)
   np.testing.assert_allclose(fn(balanced, tokens, keep), fn(params, tokens, keep), rtol=2e-4,
                              atol=2e-4)
-
