@@ -15,7 +15,7 @@ import numpy as np
 from absl import app
 
 from experiments.common import sweeps
-from experiments.tinyshakespeare import sweep
+from experiments.tinyshakespeare import sweep, train
 
 LABELS = {"adamw": "AdamW", "enorm": "ENorm(AdamW), all groups",
           "enorm_mlp": "ENorm(AdamW), MLP only", "enorm_attn": "ENorm(AdamW), attention + norms"}
@@ -53,7 +53,7 @@ def variant(record) -> tuple:
 
 def is_uniform(multipliers: str) -> bool:
   """Whether ``multipliers`` names several kinds, all at the same multiplier."""
-  values = [t.partition("=")[2] for t in multipliers.split(",")]
+  values = list(train.parse_lr_multipliers(multipliers).values())
   return len(values) > 1 and len(set(values)) == 1
 
 
