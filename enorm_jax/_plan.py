@@ -168,8 +168,21 @@ def _inverse_parts(t: jax.Array) -> tuple[jax.Array, jax.Array]:
   corr = jnp.where(jnp.isfinite(corr), corr, 0.0)
   movable = jnp.isfinite(down) & (jnp.abs(down) >= 2.0 ** -100)
   lower = jnp.nextafter(down, jnp.zeros_like(down))
-  return (jnp.where(movable, lower, down),
-          jnp.where(movable, corr + (down - lower), corr))
+  return _per_unit(jnp.where(movable, lower, down),
+                   jnp.where(movable, corr + (down - lower), corr), t=t)
+
+
+def _per_unit(*parts: jax.Array, t: jax.Array) -> tuple[jax.Array, ...]:
+  """``parts`` unchanged, each divided by an exact 1 that XLA cannot fold.
+
+  XLA:CPU copies cheap arithmetic on a factor vector into every loop that
+  broadcasts it to a weight, but never a division: so the ~40 operations of
+  `_inverse_parts` run once per unit instead of once per weight (the slowest
+  kernels of a Llama-style cycle; `benchmarks/RESULTS.md`). ``0 * t`` is a
+  signed zero for finite ``t``, so ``one`` is exactly 1 for every ``t``.
+  """
+  one = 1.0 + jnp.where(jnp.isfinite(t), 0.0 * t, 0.0)
+  return tuple(p / one for p in parts)
 
 
 @jax.jit  # so that eager calls get the fused multiply-add too (inlined under jit)

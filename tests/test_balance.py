@@ -1,5 +1,7 @@
 """`balance`, `energy` and `rescale` against independent references."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -345,6 +347,21 @@ def test_division_by_scales_is_correctly_rounded():
   assert np.isinf(expected).any() and np.array_equal(np.isnan(got), np.isnan(expected))
   eager = np.asarray(divide(x, t))  # no enclosing jit to fuse the multiply-add
   np.testing.assert_array_equal(eager[checked], expected[checked])
+
+
+def test_the_division_parts_are_computed_once_per_unit_not_per_weight():
+  """The correctly rounded division's parts (a Dekker product and an ulp shift,
+  ~40 operations) must not be copied by XLA into the loop over the weights: no
+  fused loop of a weight's size computes ``nextafter`` (a bitcast-convert)."""
+  graph = enorm_jax.RescalingGraph((enorm_jax.Group(
+      256, (enorm_jax.Entry("a", 1),), (enorm_jax.Entry("b", 0),)),))
+  params = {"a": jnp.ones((128, 256)), "b": jnp.ones((256, 64))}
+  hlo = jax.jit(lambda p: enorm_jax.balance(p, graph), donate_argnums=0
+                ).lower(params).compile().as_text()
+  computations = hlo.split("\n\n")
+  per_weight = [c for c in computations if re.search(r"-> f32\[(128,256|256,64)\]", c)]
+  assert per_weight
+  assert not [c.splitlines()[0] for c in per_weight if "bitcast-convert(" in c]
 
 
 def test_eager_rescale_writes_the_same_bits_as_jitted_rescale():
