@@ -364,6 +364,28 @@ def test_the_division_parts_are_computed_once_per_unit_not_per_weight():
   assert not [c.splitlines()[0] for c in per_weight if "bitcast-convert(" in c]
 
 
+@pytest.mark.parametrize("inner", [(2, 2), (4, 2), (3, 5)])
+def test_units_between_small_summed_axes_get_the_exact_first_factor(inner):
+  """Units on the (layer, K/V head, dim) axes of a stacked query kernel viewed as
+  (layer, input, K/V head, heads per K/V head, half, dim): the first factor of
+  each unit is sqrt(R / L) over exactly its elements, computed here by numpy.
+  (3, 5) has more inner slices than are summed by slice additions."""
+  layers, d_in, kv, dim = 3, 16, 2, 4
+  group, half = inner
+  view = (layers, d_in, kv, group, half, dim)
+  rng = np.random.default_rng(3)
+  q = rng.standard_normal((layers, d_in, kv * group, half * dim)).astype(np.float32)
+  o = rng.standard_normal((layers, kv, dim, 8)).astype(np.float32)
+  graph = enorm_jax.RescalingGraph((enorm_jax.Group(
+      layers * kv * dim, (enorm_jax.Entry("q", (0, 2, 5), view=view),),
+      (enorm_jax.Entry("o", (0, 1, 2)),)),))
+  _, (scales,) = balance_jit({"q": jnp.asarray(q), "o": jnp.asarray(o)}, graph=graph)
+  incoming = (q.reshape(view).astype(np.float64) ** 2).sum(axis=(1, 3, 4))
+  outgoing = (o.astype(np.float64) ** 2).sum(axis=3)
+  np.testing.assert_allclose(scales, np.sqrt(np.sqrt(outgoing / incoming)).reshape(-1),
+                             rtol=1e-6)
+
+
 def test_eager_rescale_writes_the_same_bits_as_jitted_rescale():
   rng = np.random.default_rng(7)
   params = {"a": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32),
