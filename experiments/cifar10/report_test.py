@@ -124,6 +124,17 @@ def test_table2_pairs_each_method_with_the_baseline_seed_by_seed():
   assert "| GN | – / – / – | – | – |  |  |" in table
 
 
+def test_committed_table2_matches_its_results():
+  """`cifar10_conv_table2.md` is the table the report computes from the committed
+  search and final results (so a results commit cannot leave it stale)."""
+  results = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "results"
+  search = json.loads((results / "cifar10_conv_table2_search.json").read_text())
+  finals_path = results / "cifar10_conv_table2.json"
+  finals = json.loads(finals_path.read_text()) if finals_path.exists() else []
+  committed = (results / "cifar10_conv_table2.md").read_text()
+  assert committed.startswith(report.table2(search, finals))
+
+
 def test_figure8_table_pairs_each_method_with_enorm_at_its_best_setting():
   def run(method, depth, lr, seed, acc, **kw):
     return dict(method=method, c=1.2 if method == "enorm" else 1.0, depth=depth, lr=lr,
