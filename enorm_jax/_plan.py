@@ -197,7 +197,8 @@ def _per_unit(*parts: jax.Array, t: jax.Array) -> tuple[jax.Array, ...]:
   """``parts`` unchanged, each divided by an exact 1 that XLA cannot fold.
 
   XLA:CPU copies cheap arithmetic on a factor vector into every loop that
-  broadcasts it to a weight, but never a division: so the ~40 operations of
+  broadcasts it to a weight, but not a division (an op it counts as expensive
+  and does not repeat per element): so the ~40 operations of
   `_inverse_parts` run once per unit instead of once per weight (the slowest
   kernels of a Llama-style cycle; `benchmarks/RESULTS.md`). ``0 * t`` is a
   signed zero for finite ``t``, so ``one`` is exactly 1 for every ``t``.
