@@ -37,10 +37,14 @@ def sum_leading(x: jax.Array, count: int) -> jax.Array:
   elementwise pass. The summed axes are kept with size 1.
   """
   kept = x.shape[count:]
-  parts = list(x.reshape((-1,) + kept))
+  return _add_tree(list(x.reshape((-1,) + kept))).reshape((1,) * count + kept)
+
+
+def _add_tree(parts: list[jax.Array]) -> jax.Array:
+  """The sum of ``parts`` by pairwise additions (XLA fuses them into one pass)."""
   while len(parts) > 1:
     parts = [a + b for a, b in zip(parts[::2], parts[1::2])] + parts[len(parts) // 2 * 2:]
-  return parts[0].reshape((1,) * count + kept)
+  return parts[0]
 
 
 def abs_pow(x: jax.Array, p) -> jax.Array:
@@ -95,9 +99,7 @@ def sum_by_slices(x: jax.Array, axes: Sequence[int]) -> jax.Array:
   parts = [x]
   for a in axes:
     parts = [lax.slice_in_dim(p, j, j + 1, axis=a) for p in parts for j in range(x.shape[a])]
-  while len(parts) > 1:
-    parts = [a + b for a, b in zip(parts[::2], parts[1::2])] + parts[len(parts) // 2 * 2:]
-  return parts[0]
+  return _add_tree(parts)
 
 
 def to_units(s: jax.Array, r: ResolvedEntry, size: int) -> jax.Array:
