@@ -242,6 +242,9 @@ def conv_figure(best, path):
 
 
 TABLE2_METHODS = ("Baseline", "BN", "GN", "ENorm-1", "ENorm-1.2")
+# The paper's Table 2 claims at batch 32 without momentum (full protocol, 5 runs):
+# method -> (reference method, claimed difference in points, its tolerance).
+TABLE2_CLAIMS = {"ENorm-1": ("Baseline", 0.8, None), "ENorm-1.2": ("BN", 0.0, 0.1)}
 
 
 def table2(search, finals) -> str:
@@ -273,7 +276,23 @@ def table2(search, finals) -> str:
     diverged = len(runs) - len(seeds)
     cells.append(",".join(map(str, seeds)) + (f" ({diverged} diverged)" if diverged else ""))
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + [""] + _table2_claims(finals, acc)) + "\n"
+
+
+def _table2_claims(finals, acc) -> list[str]:
+  """One line per claim of the paper: its difference beside the one measured here,
+  paired seed by seed (seeds share the data order)."""
+  by = {(method_label(r), r["seed"]): acc(r) for r in finals}
+  lines = ["The paper's claims (full protocol, 5 runs) beside this protocol, paired by seed:", ""]
+  for method, (reference, claimed, tolerance) in TABLE2_CLAIMS.items():
+    seeds = sorted(s for m, s in by if m == method and by[m, s] is not None
+                   and by.get((reference, s)) is not None)
+    diffs = [by[method, s] - by[reference, s] for s in seeds]
+    paper = f"within {tolerance:g}" if tolerance is not None else f"{claimed:+.1f}"
+    here = (f"{_mean_std(diffs, signed=True)} (seeds {','.join(map(str, seeds))})"
+            if seeds else "not yet run")
+    lines.append(f"* {method} − {reference}: paper {paper} points; here {here}.")
+  return lines
 
 
 def _mean_std(values, signed=False) -> str:

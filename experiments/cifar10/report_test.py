@@ -122,6 +122,11 @@ def test_table2_pairs_each_method_with_the_baseline_seed_by_seed():
   assert "| ENorm-1.2 | – / 61.00 / div. | 0.05 | 72.50 ± 2.12 | +1.50 ± 0.71 | 0,1 (1 diverged) |" \
       in table
   assert "| GN | – / – / – | – | – |  |  |" in table
+  assert "* ENorm-1 − Baseline: paper +0.8 points; here not yet run." in table
+  finals += [run("bn", 1.0, 0.1, s, a) for s, a in ((0, 0.70), (2, 0.75))]
+  # ENorm-1.2 - BN on the seeds both finished: seed 0 only (+1 point).
+  assert "* ENorm-1.2 − BN: paper within 0.1 points; here +1.00 (seeds 0)." \
+      in report.table2(search, finals)
 
 
 def test_committed_table2_matches_its_results():
