@@ -203,10 +203,12 @@ def _per_unit(*parts: jax.Array, t: jax.Array) -> tuple[jax.Array, ...]:
   and does not repeat per element): so the ~40 operations of
   `_inverse_parts` run once per unit instead of once per weight (the slowest
   kernels of a Llama-style cycle; `benchmarks/RESULTS.md`). ``0 * t`` is a
-  signed zero for finite ``t``, so ``one`` is exactly 1 for every ``t``.
+  signed zero for finite ``t``, so ``one`` is exactly 1 for every ``t``. The
+  parts are stacked and divided together, so that one program computes what
+  they share (XLA recomputed it in one program per part).
   """
   one = 1.0 + jnp.where(jnp.isfinite(t), 0.0 * t, 0.0)
-  return tuple(p / one for p in parts)
+  return tuple(jnp.stack(parts) / one)
 
 
 @jax.jit  # so that eager calls get the fused multiply-add too (inlined under jit)

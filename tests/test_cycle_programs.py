@@ -48,3 +48,16 @@ def test_units_between_small_summed_axes_get_the_exact_first_factor(inner):
   outgoing = (o.astype(np.float64) ** 2).sum(axis=3)
   np.testing.assert_allclose(scales, np.sqrt(np.sqrt(outgoing / incoming)).reshape(-1),
                              rtol=1e-6)
+
+
+def test_the_division_parts_are_computed_by_one_program():
+  """Both parts of the correctly rounded division come from one fused program:
+  exactly one computes ``nextafter`` (a bitcast-convert), not one per part."""
+  graph = enorm_jax.RescalingGraph((enorm_jax.Group(
+      256, (enorm_jax.Entry("a", 1),), (enorm_jax.Entry("b", 0),)),))
+  params = {"a": jnp.ones((128, 256)), "b": jnp.ones((256, 64))}
+  hlo = jax.jit(lambda p: enorm_jax.balance(p, graph), donate_argnums=0
+                ).lower(params).compile().as_text()
+  fused = [c for c in hlo.split("\n\n") if c.startswith("%fused_computation")
+           or c.startswith("%") and "fusion" in c.splitlines()[0]]
+  assert len([c for c in fused if "bitcast-convert(" in c]) == 1
