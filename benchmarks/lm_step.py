@@ -1,16 +1,19 @@
 r"""Training-step cost of ENorm on the tiny-Shakespeare decoders, side by side.
 
     python -m benchmarks.lm_step [--quick] [--json PATH] [--architectures gpt,llama]
-                                 [--reps N] [--instances K] [--methods adamw,enorm,...]
+                                 [--reps N] [--cycle_reps N] [--instances K]
+                                 [--methods adamw,enorm,...]
 
 The experiment's own jitted step (`experiments.tinyshakespeare.train`) at its
 default config (4 layers, width 128, batch 32 x 128 characters), one device, for
 the GPT-style and the Llama-style model: AdamW, ``enorm(AdamW)`` on every traced
 group, on the MLP groups only, on the others (attention and norms) (all three with
 the experiment's ``check_applied='record'``), and on every group with the check
-raising inside the step (``check_applied=True``) and with no check. Beside them,
-in the same rounds: one `balance` cycle on every group (params donated) and the
-floor, a jitted pass that reads and writes every parameter once.
+raising inside the step (``check_applied=True``) and with no check. Then, in
+rounds of their own (``--cycle_reps``, as `benchmarks.cycle` times them: a few
+rounds between 400 ms steps leave a 1 ms call too few samples, with cold caches):
+one `balance` cycle on every group (params donated) and the floor, a jitted pass
+that reads and writes every parameter once.
 
 Every variant timed in alternation (one call of each per round). Each is
 compiled ``--instances`` times: on this 2-core CPU, two compilations of the same
@@ -63,8 +66,11 @@ def main():
                       help="compilations per variant (their median is reported)")
   parser.add_argument("--architectures", default="gpt,llama")
   parser.add_argument("--methods", default="", help="the variants to time (AdamW always)")
+  parser.add_argument("--cycle_reps", type=int, default=0,
+                      help="rounds of the cycle and the floor per instance")
   args = parser.parse_args()
   reps = args.reps or (3 if args.quick else 15)
+  cycle_reps = args.cycle_reps or (20 if args.quick else 200)
   config = default.get_config()
   mesh = trainer.make_mesh(1)
   tokens = np.random.default_rng(0).integers(0, VOCAB_SIZE, (config.batch_size,
@@ -79,20 +85,23 @@ def main():
                    "cycle balances) missing")
   records = []
   for architecture in args.architectures.split(","):
-    steps, graphs = {}, {}
+    steps, graphs, per_instance = {}, {}, {}
     for i in range(args.instances):
       for method in methods:
         steps[method, i], graphs[method] = variant_step(architecture, method, mesh, batch)
       params = jax.tree.map(jnp.copy, steps["adamw", i][1].params)
       graph = graphs["enorm"]
-      steps["cycle", i] = (jax.jit(lambda p: enorm_jax.balance(p, graph)[0],
-                                   donate_argnums=0), params)
-      steps["floor", i] = (jax.jit(lambda p: jax.tree.map(lambda w: w * 1.0001, p),
-                                   donate_argnums=0), jax.tree.map(jnp.copy, params))
-    per_instance = _common.interleaved_ms(steps, reps)
+      cycle = {"cycle": (jax.jit(lambda p: enorm_jax.balance(p, graph)[0],
+                                 donate_argnums=0), params),
+               "floor": (jax.jit(lambda p: jax.tree.map(lambda w: w * 1.0001, p),
+                                 donate_argnums=0), jax.tree.map(jnp.copy, params))}
+      per_instance.update({(name, i): ms for name, ms
+                           in _common.interleaved_ms(cycle, cycle_reps).items()})
+    per_instance.update(_common.interleaved_ms(steps, reps))
     ms = {name: statistics.median(t for (n, _), t in per_instance.items() if n == name)
           for name, _ in per_instance}
-    record = dict(model=architecture, reps=reps, instances=args.instances,
+    record = dict(model=architecture, reps=reps, cycle_reps=cycle_reps,
+                  instances=args.instances,
                   adamw_ms=ms["adamw"], cycle_ms=ms["cycle"],
                   floor_ms=ms["floor"], cycle_share=ms["cycle"] / ms["adamw"],
                   cycle_floor_ratio=ms["cycle"] / ms["floor"])
