@@ -243,8 +243,8 @@ def conv_figure(best, path):
 
 TABLE2_METHODS = ("Baseline", "BN", "GN", "ENorm-1", "ENorm-1.2")
 # The paper's Table 2 claims at batch 32 without momentum (full protocol, 5 runs):
-# method -> (reference method, claimed difference in points, its tolerance).
-TABLE2_CLAIMS = {"ENorm-1": ("Baseline", 0.8, None), "ENorm-1.2": ("BN", 0.0, 0.1)}
+# method -> (reference method, the claimed difference in points).
+TABLE2_CLAIMS = {"ENorm-1": ("Baseline", "+0.8"), "ENorm-1.2": ("BN", "within 0.1")}
 
 
 def table2(search, finals) -> str:
@@ -255,7 +255,7 @@ def table2(search, finals) -> str:
   def acc(r):
     return None if r.get("val_acc") is None else 100 * r["val_acc"]
   rates = sorted({r["lr"] for r in search})
-  base = {r["seed"]: acc(r) for r in finals if method_label(r) == "Baseline"}
+  by = {(method_label(r), r["seed"]): acc(r) for r in finals}
   lines = ["### CIFAR-NV at batch 32 without momentum (Table 2), reduced protocol "
            "(configs/conv_table2.py)", "",
            "Validation accuracy %; search: the short runs at each rate.", "",
@@ -269,26 +269,29 @@ def table2(search, finals) -> str:
                         f"{tried[lr]:.2f}" if lr in tried else "–" for lr in rates)]
     cells.append(f"{runs[0]['lr']:g}" if runs else "–")
     cells.append(_mean_std(accs) if accs else "–")
-    diffs = [acc(r) - base[r["seed"]] for r in runs
-             if acc(r) is not None and base.get(r["seed"]) is not None]
+    diffs = _paired(by, method, "Baseline")[1]
     cells.append("" if method == "Baseline" or not diffs else _mean_std(diffs, signed=True))
     seeds = [r["seed"] for r in runs if acc(r) is not None]
     diverged = len(runs) - len(seeds)
     cells.append(",".join(map(str, seeds)) + (f" ({diverged} diverged)" if diverged else ""))
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  return "\n".join(lines + [""] + _table2_claims(finals, acc)) + "\n"
+  return "\n".join(lines + [""] + _table2_claims(by)) + "\n"
 
 
-def _table2_claims(finals, acc) -> list[str]:
+def _paired(by, method, reference) -> tuple[list, list]:
+  """The seeds both ``method`` and ``reference`` finished (in ``by``: (method, seed) ->
+  accuracy or None), and ``method``'s differences to ``reference`` on them."""
+  seeds = sorted(s for m, s in by if m == method and by[m, s] is not None
+                 and by.get((reference, s)) is not None)
+  return seeds, [by[method, s] - by[reference, s] for s in seeds]
+
+
+def _table2_claims(by) -> list[str]:
   """One line per claim of the paper: its difference beside the one measured here,
   paired seed by seed (seeds share the data order)."""
-  by = {(method_label(r), r["seed"]): acc(r) for r in finals}
   lines = ["The paper's claims (full protocol, 5 runs) beside this protocol, paired by seed:", ""]
-  for method, (reference, claimed, tolerance) in TABLE2_CLAIMS.items():
-    seeds = sorted(s for m, s in by if m == method and by[m, s] is not None
-                   and by.get((reference, s)) is not None)
-    diffs = [by[method, s] - by[reference, s] for s in seeds]
-    paper = f"within {tolerance:g}" if tolerance is not None else f"{claimed:+.1f}"
+  for method, (reference, paper) in TABLE2_CLAIMS.items():
+    seeds, diffs = _paired(by, method, reference)
     here = (f"{_mean_std(diffs, signed=True)} (seeds {','.join(map(str, seeds))})"
             if seeds else "not yet run")
     lines.append(f"* {method} − {reference}: paper {paper} points; here {here}.")
