@@ -6,12 +6,13 @@ For each architecture of `ARCHITECTURES`, first a SHORTENED learning-rate search
 every method at each rate of `SEARCH_LRS` for `SEARCH_STEPS` steps (the same
 warmup + cosine schedule, compressed). Then, architecture by architecture, the full
 runs (the default config's length) at each method's best rate for every seed of
-`SEEDS`, and the controls at the same rates: AdamW with per-kind learning rates
-matched to ENorm's relative steps (`train.matched_multipliers`, every seed; where
-the dynamics tool has measured the architecture, `DYNAMICS_FILE`) and with every
-kind at their size-weighted root mean square (`train.uniform_multipliers`), AdamW and ENorm
-on every group without weight decay (every seed), and ENorm with c = `CONTROL_C`
-(seed 0). Last, the longer schedule (`long_choice`). Each finished cell
+`SEEDS`, and the controls at the same rates: AdamW and ENorm on every group
+without weight decay (every seed), and ENorm with c = `CONTROL_C` (seed 0). Then
+the longer schedule (`long_choice`). Last, the learning-rate controls: AdamW with
+per-kind learning rates matched to ENorm's relative steps
+(`train.matched_multipliers`, every seed; where the dynamics tool has measured the
+architecture, `DYNAMICS_FILE`) and with every kind at their size-weighted root mean
+square (`train.uniform_multipliers`). Each finished cell
 appends a record, with its validation-loss curve, to
 `tinyshakespeare_search.json` or `tinyshakespeare.json`; workers may run in parallel
 (see `experiments.common.sweeps`).
@@ -95,12 +96,13 @@ def long_choice(finals) -> tuple[str, str] | None:
 
 def all_cells(results_dir) -> list[tuple[dict, str]]:
   """(cell, results file) pairs in priority order: every architecture's search, then
-  architecture by architecture its full runs seed by seed and its controls (the
-  matched per-kind rates and their uniform control first), then the longer schedule."""
+  architecture by architecture its full runs seed by seed and its weight-decay and c
+  controls, then the longer schedule, then the learning-rate controls (the matched
+  per-kind rates and their uniform control)."""
   config = default.get_config()
   search = sweeps.read_results(os.path.join(results_dir, SEARCH_FILE))
   searched = {cell_key(r) for r in search}
-  stages = ([], [], [])  # search, full runs and controls, longer schedule
+  stages = ([], [], [], [])  # search, full runs and controls, longer schedule, rates
   for arch in ARCHITECTURES:
     base = dict(architecture=arch, c=1.0, weight_decay=config.weight_decay)
     arch_search = [dict(base, method=m, lr=lr, num_steps=SEARCH_STEPS, seed=0)
@@ -116,11 +118,11 @@ def all_cells(results_dir) -> list[tuple[dict, str]]:
     if "adamw" in rate and os.path.exists(dynamics_path):
       with open(dynamics_path) as f:
         matched = train.matched_multipliers(json.load(f))
-      stages[1].extend(final("adamw", seed, lr_multipliers=matched) for seed in SEEDS)
+      stages[3].extend(final("adamw", seed, lr_multipliers=matched) for seed in SEEDS)
       arch_config = default.get_config()
       arch_config.architecture = arch
       uniform = train.uniform_multipliers(matched, train.kind_sizes(arch_config))
-      stages[1].extend(final("adamw", seed, lr_multipliers=uniform) for seed in SEEDS)
+      stages[3].extend(final("adamw", seed, lr_multipliers=uniform) for seed in SEEDS)
     stages[1].extend(final(m, seed, weight_decay=0.0) for seed in SEEDS
                      for m in ("adamw", "enorm") if m in rate)
     stages[1].extend([final("enorm", SEEDS[0], c=CONTROL_C)] if "enorm" in rate else [])

@@ -63,15 +63,15 @@ def test_the_matched_rate_control_waits_for_the_dynamics_run(tmp_path):
 
 def test_the_longer_schedule_waits_for_every_full_run_and_takes_the_largest_gain(tmp_path):
   flags.FLAGS(["sweep_test"])
-  search = [dict(architecture=a, method=m, c=1.0, weight_decay=0.1, lr=3e-3, seed=0,
-                 num_steps=sweep.SEARCH_STEPS, val_loss=2.0)
-            for a in sweep.ARCHITECTURES for m in sweep.METHODS]
+  search = [dict(architecture=a, method=m, c=1.0, weight_decay=0.1, lr=lr, seed=0,
+                 num_steps=sweep.SEARCH_STEPS, val_loss=2.0 if lr == 3e-3 else 2.5)
+            for a in sweep.ARCHITECTURES for m in sweep.METHODS for lr in sweep.SEARCH_LRS]
   (tmp_path / sweep.SEARCH_FILE).write_text(json.dumps(search))
   gain = {("gpt", "enorm"): 0.03, ("gpt", "enorm_mlp"): 0.01, ("gpt", "enorm_attn"): 0.02,
           ("llama", "enorm"): 0.01, ("llama", "enorm_mlp"): 0.0, ("llama", "enorm_attn"): 0.0}
   finals = [dict(r, num_steps=1000, seed=seed, val_loss=1.6 - gain.get((r["architecture"],
                                                                        r["method"]), 0))
-            for r in search for seed in sweep.SEEDS]
+            for r in search if r["lr"] == 3e-3 for seed in sweep.SEEDS]
   (tmp_path / sweep.FINAL_FILE).write_text(json.dumps(finals[:-1]))
   long = lambda: [c for c, name in sweep.all_cells(str(tmp_path)) if name == sweep.LONG_FILE]
   assert not long()  # one Llama seed missing
@@ -80,6 +80,13 @@ def test_the_longer_schedule_waits_for_every_full_run_and_takes_the_largest_gain
       ("gpt", m, s, sweep.LONG_STEPS) for s in sweep.LONG_SEEDS for m in ("adamw", "enorm")]
   config = sweep.make_config(long()[0], "")
   assert (config.num_steps, config.warmup_steps) == (sweep.LONG_STEPS, 300)
+  # The learning-rate controls come after the longer schedule.
+  dynamics = {m: {"step": [1, 50, 100], "relative_step": [{"query": 1.0}] * 3}
+              for m in ("adamw", "enorm")}
+  (tmp_path / sweep.DYNAMICS_FILE.format("llama")).write_text(json.dumps(dynamics))
+  names = [(name, bool(c.get("lr_multipliers"))) for c, name in sweep.all_cells(str(tmp_path))]
+  assert names.index((sweep.LONG_FILE, False)) < names.index((sweep.FINAL_FILE, True))
+  assert names[-1] == (sweep.FINAL_FILE, True)
 
 
 @pytest.mark.slow
