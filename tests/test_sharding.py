@@ -90,3 +90,29 @@ def test_enorm_step_matches_single_device(mesh, dim):
   put = lambda t: jax.device_put(t, shardings)
   out = jax.jit(step, in_shardings=(shardings, shardings))(put(params), put(grads))
   chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_state_saved_on_one_device_passes_the_check_on_a_sharded_mesh(mesh):
+  """Resuming on another mesh reorders the fingerprints' sums: they must stay accurate
+  far below the check's tolerance (a long float32 dot on XLA:CPU was off by 1e-3)."""
+  params = mlp_params([16, 4096, 512, 8], seed=0)
+  graph = mlp_graph(params)
+  tx = enorm_jax.enorm(optax.sgd(1e-3), graph, check_applied="record")
+  grads = jax.tree.map(lambda v: jnp.cos(v * 3.0), params)
+
+  def step(params, state):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  params, state = jax.jit(step)(params, tx.init(params))  # saved on one device
+  shardings = fsdp_sharding(params, mesh, 0)
+  resumed = jax.jit(step, in_shardings=(shardings, None))
+  new_params, new_state = resumed(jax.device_put(params, shardings), state)
+  assert all(jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params))
+  enorm_jax.raise_if_misapplied(new_state, graph)
+  # Each rescaled leaf's [sum, sum of squares] against a float64 reference.
+  leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(new_params)]
+  reference = np.array([[x.sum(), x @ x] for x in leaves])
+  got = np.asarray(new_state.applied)
+  assert len(got) == len(leaves) - 1  # the last bias has no group
+  assert all(np.isclose(row, reference, rtol=1e-6, atol=0).all(1).any() for row in got), got
