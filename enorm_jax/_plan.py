@@ -213,7 +213,8 @@ def _per_unit(*parts: jax.Array, t: jax.Array) -> tuple[jax.Array, ...]:
 
 @jax.jit  # so that eager calls get the fused multiply-add too (inlined under jit)
 def divide(x: jax.Array, t: jax.Array) -> jax.Array:
-  """``x / t``, correctly rounded (XLA contracts the sum into one fused multiply-add)."""
+  """``x / t``, correctly rounded where XLA contracts the sum into one fused
+  multiply-add (XLA:CPU at its default optimization level; not at level 0)."""
   down, corr = _inverse_parts(t)
   return x * down + x * corr
 

@@ -300,6 +300,7 @@ def test_conv_chain_matches_numpy_algorithm1(p, c, include_biases):
     np.testing.assert_allclose(out[name]["bias"], ref_b[k], rtol=3e-5, atol=1e-7)
 
 
+@pytest.mark.fused_multiply_add
 def test_repeated_single_cycles_do_not_drift_the_function():
   """XLA divides via a rounded reciprocal, biased by +2^-24 for factors just below 1.
 
@@ -321,6 +322,7 @@ def test_repeated_single_cycles_do_not_drift_the_function():
   assert np.abs(after - before).max() / np.abs(before).max() < 2e-5
 
 
+@pytest.mark.fused_multiply_add
 def test_division_by_scales_is_correctly_rounded():
   graph = enorm_jax.RescalingGraph((enorm_jax.Group(
       66, (enorm_jax.Entry("a", 1),), (enorm_jax.Entry("b", 0),)),))
@@ -347,6 +349,7 @@ def test_division_by_scales_is_correctly_rounded():
   np.testing.assert_array_equal(eager[checked], expected[checked])
 
 
+@pytest.mark.fused_multiply_add
 def test_eager_rescale_writes_the_same_bits_as_jitted_rescale():
   rng = np.random.default_rng(7)
   params = {"a": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32),
@@ -360,6 +363,7 @@ def test_eager_rescale_writes_the_same_bits_as_jitted_rescale():
   np.testing.assert_array_equal(eager["b"], np.asarray(params["b"]) / scales[0][:, None])
 
 
+@pytest.mark.fused_multiply_add
 def test_rescale_of_a_conv_kernel_divides_correctly_rounded_along_its_input_axis():
   rng = np.random.default_rng(5)
   params = {"a": rng.standard_normal((3, 3, 2, 4)), "b": rng.standard_normal((3, 3, 4, 5)),
