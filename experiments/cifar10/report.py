@@ -5,8 +5,8 @@ r"""Markdown tables and Figure-4-style plots from the CIFAR-10 result files.
 Reads ``cifar10_fc.json`` (60-epoch runs), ``cifar10_fc_search.json`` (the
 shortened learning-rate search), ``cifar10_fc_rate_check.json`` (60-epoch runs at
 the search's second-best rate), the same first two with biases (``*_bias.json``) and
-``cifar10_conv.json`` and the Table 2 sweep's two files when present, and writes ``<name>.md`` and ``<name>.png``
-next to each.
+``cifar10_conv.json`` and the Table 2 sweep's two files when present, and writes
+``<name>.md`` and ``<name>.png`` next to each.
 """
 
 from __future__ import annotations
@@ -155,10 +155,15 @@ def figure8_table(records, against: str = "ENorm-1.2") -> str:
   return "\n".join(lines) + "\n"
 
 
-def fc_figure(best, path, title):
+def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
+
+
+def fc_figure(best, path, title):
+  plt = _pyplot()
   series = collections.defaultdict(list)
   for (m, d), r in sorted(best.items(), key=lambda kv: kv[0][1]):
     series[m].append((d, 100 * r["val_acc"], 100 * (r.get("std") or 0.0)))
@@ -221,9 +226,7 @@ def conv_bias_table(records) -> str:
 
 def conv_figure(best, path):
   """Validation accuracy against batch size, one panel per momentum (Tables 2-3)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   momentums = sorted({mo for _, _, mo in best})
   fig, axes = plt.subplots(1, len(momentums), figsize=(5 * len(momentums), 4), squeeze=False,
                            sharey=True)
@@ -298,10 +301,62 @@ def _table2_claims(by) -> list[str]:
   return lines
 
 
-def _mean_std(values, signed=False) -> str:
+def table2_curves(finals) -> str:
+  """Per method, over the seeds whose record has its per-epoch curve: validation
+  accuracy after each epoch, the last epoch's training loss and accuracy, and for
+  each of the paper's claims the difference after each epoch, paired by seed."""
+  curves = {(method_label(r), r["seed"]): np.array(r["curve"], dtype=float)
+            for r in finals if r.get("curve")}
+  if not curves:
+    return ""
+  lines = ["Per-epoch curves (the seeds whose run logs were kept): validation accuracy % "
+           "after each epoch; training loss and accuracy % averaged over the last epoch's "
+           "batches (augmented, BatchNorm on batch statistics).", "",
+           "| method | seeds | validation accuracy by epoch | last-epoch training loss "
+           "| last-epoch training accuracy |", "|---|---|---|---|---|"]
+  for method in TABLE2_METHODS:
+    seeds = sorted(s for m, s in curves if m == method)
+    if not seeds:
+      continue
+    runs = np.stack([curves[method, s] for s in seeds])  # (seeds, epochs, 4)
+    lines.append(f"| {method} | {','.join(map(str, seeds))} | "
+                 + " / ".join(f"{v:.1f}" for v in 100 * runs[:, :, 1].mean(0))
+                 + f" | {_mean_std(runs[:, -1, 2], decimals=3)} | {_mean_std(100 * runs[:, -1, 3])} |")
+  lines.append("")
+  for method, (reference, _) in TABLE2_CLAIMS.items():
+    seeds = sorted(s for m, s in curves if m == method and (reference, s) in curves)
+    if seeds:
+      gaps = np.stack([curves[method, s][:, 1] - curves[reference, s][:, 1] for s in seeds])
+      lines.append(f"* {method} − {reference} by epoch (seeds {','.join(map(str, seeds))}): "
+                   + " / ".join(f"{v:+.1f}" for v in 100 * gaps.mean(0)) + " points.")
+  return "\n".join(lines) + "\n"
+
+
+def table2_figure(finals, path) -> None:
+  """Validation accuracy and training loss by epoch, mean over the seeds with curves."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for method in TABLE2_METHODS:
+    runs = [np.array(r["curve"], dtype=float) for r in finals
+            if r.get("curve") and method_label(r) == method]
+    if runs:
+      mean = np.mean(runs, axis=0)
+      epochs = np.arange(1, len(mean) + 1)
+      axes[0].plot(epochs, 100 * mean[:, 1], marker="o", label=f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+      axes[1].plot(epochs, mean[:, 2], marker="o", label=method)
+  axes[0].set(xlabel="epoch", ylabel="validation accuracy (%)")
+  axes[1].set(xlabel="epoch", ylabel="training loss (epoch mean)")
+  axes[0].legend()
+  fig.suptitle("CIFAR-NV, batch 32, no momentum (reduced protocol)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _mean_std(values, signed=False, decimals=2) -> str:
   sign = "+" if signed else ""
-  text = f"{np.mean(values):{sign}.2f}"
-  return text + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
+  text = f"{np.mean(values):{sign}.{decimals}f}"
+  return text + (f" ± {np.std(values, ddof=1):.{decimals}f}" if len(values) > 1 else "")
 
 
 def _write(path, table):
@@ -331,9 +386,13 @@ def render(d: str) -> None:
   search = os.path.join(d, "cifar10_conv_table2_search.json")
   if os.path.exists(search):
     finals = os.path.join(d, "cifar10_conv_table2.json")
-    table = table2(sweeps.read_results(search), sweeps.read_results(finals))
-    _write(os.path.join(d, "cifar10_conv_table2.md"), table)
-    print(table)
+    finals = sweeps.read_results(finals)
+    table = table2(sweeps.read_results(search), finals)
+    curves = table2_curves(finals)
+    _write(os.path.join(d, "cifar10_conv_table2.md"), table + ("\n" + curves if curves else ""))
+    if curves:
+      table2_figure(finals, os.path.join(d, "cifar10_conv_table2.png"))
+    print(table, curves)
   path = os.path.join(d, "cifar10_conv.json")
   if os.path.exists(path):
     with open(path) as f:

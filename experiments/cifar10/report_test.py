@@ -130,14 +130,16 @@ def test_table2_pairs_each_method_with_the_baseline_seed_by_seed():
 
 
 def test_committed_table2_matches_its_results():
-  """`cifar10_conv_table2.md` is the table the report computes from the committed
-  search and final results (so a results commit cannot leave it stale)."""
+  """`cifar10_conv_table2.md` is the table and the per-epoch curves the report
+  computes from the committed search and final results (so a results commit cannot
+  leave them stale)."""
   results = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "results"
   search = json.loads((results / "cifar10_conv_table2_search.json").read_text())
   finals_path = results / "cifar10_conv_table2.json"
   finals = json.loads(finals_path.read_text()) if finals_path.exists() else []
   committed = (results / "cifar10_conv_table2.md").read_text()
-  assert committed.startswith(report.table2(search, finals))
+  curves = report.table2_curves(finals)
+  assert committed.startswith(report.table2(search, finals) + ("\n" + curves if curves else ""))
 
 
 def test_figure8_table_pairs_each_method_with_enorm_at_its_best_setting():
@@ -155,3 +157,21 @@ def test_figure8_table_pairs_each_method_with_enorm_at_its_best_setting():
   assert "| Path-SGD | -2.00 ± 0.00 (0,2) |" in table
   assert "| ENorm-Impl | – |" in table
   assert report.figure8_table(records[:3]) == ""
+
+
+def test_table2_curves_average_seeds_and_pair_the_claims_epoch_by_epoch(tmp_path):
+  def run(method, c, seed, accs, losses=(1.0, 0.5)):
+    curve = [[100 * (i + 1), a, l, 0.5] for i, (a, l) in enumerate(zip(accs, losses))]
+    return dict(method=method, c=c, lr=0.1, seed=seed, val_acc=accs[-1], curve=curve)
+  finals = [run("bn", 1.0, 1, (0.5, 0.7)), run("bn", 1.0, 2, (0.6, 0.8), (1.0, 0.7)),
+            run("enorm", 1.2, 1, (0.4, 0.68)), run("enorm", 1.2, 2, (0.5, 0.78)),
+            dict(run("baseline", 1.0, 0, (0.5, 0.6)), curve=None)]  # a run without its log
+  text = report.table2_curves(finals)
+  assert "| BN | 1,2 | 55.0 / 75.0 | 0.600 ± 0.141 | 50.00 ± 0.00 |" in text
+  assert "| ENorm-1.2 | 1,2 | 45.0 / 73.0 |" in text
+  assert "Baseline" not in text.split("\n\n")[1]  # the table
+  assert "* ENorm-1.2 − BN by epoch (seeds 1,2): -10.0 / -2.0 points." in text
+  assert "ENorm-1 − Baseline by epoch" not in text
+  assert report.table2_curves(finals[-1:]) == ""
+  report.table2_figure(finals, tmp_path / "t2.png")
+  assert (tmp_path / "t2.png").stat().st_size > 0

@@ -25,6 +25,11 @@ ENorm-Impl searches its regularizer weight with the rate at `IMPL_SEARCH_DEPTHS`
 The Table 2 sweep (`configs/conv_table2.py`) searches each method's rate with
 short runs into ``cifar10_conv_table2_search.json``, then runs every seed at the
 chosen rate into ``cifar10_conv_table2.json``.
+
+Each record keeps its run's per-epoch curve (`epoch_curve`). Records from before
+the curve was recorded get it from their run's workdir, where it is still there:
+
+    python -m experiments.cifar10.sweep --sweep=conv_table2 --add_curves
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 from absl import app, flags, logging
 
 from experiments.cifar10 import train
@@ -42,6 +48,8 @@ from experiments.common.trainer import NonFiniteLossError
 _SWEEP = flags.DEFINE_enum("sweep", "fc", ["fc", "fc_search", "fc_final", "conv_reduced",
                                            "conv_no_bias", "conv_table2"],
                            "Which sweep; 'fc' interleaves search and final runs by block.")
+_ADD_CURVES = flags.DEFINE_bool("add_curves", False, "Only add the per-epoch curve, read "
+                                "from the run's workdir, to the sweep's records without one.")
 
 SEARCH_EPOCHS = 5
 # (method, c) pairs; ENorm with c = 1 and 1.2.
@@ -263,20 +271,26 @@ def make_config(sweep, cell, data_dir):
   return config
 
 
+RESULT_FILES = {
+    "conv_reduced": {None: "cifar10_conv.json"}, "conv_no_bias": {None: "cifar10_conv.json"},
+    "conv_table2": {"search": "cifar10_conv_table2_search.json",
+                    "final": "cifar10_conv_table2.json"},
+    **{sweep: {"final": "cifar10_fc.json", "rate_check": "cifar10_fc_rate_check.json",
+               None: "cifar10_fc_search.json"}
+       for sweep in ("fc", "fc_search", "fc_final")}}
+
+
 def pending_cells(sweep, results_dir):
   """(cell, results path) pairs still to run, recomputed as results come in."""
   if sweep == "conv_reduced":
-    tagged = [(c, "cifar10_conv.json") for c in conv_cells(results_dir)]
+    cells = conv_cells(results_dir)
   elif sweep == "conv_no_bias":
-    tagged = [(c, "cifar10_conv.json") for c in conv_no_bias_cells()]
+    cells = conv_no_bias_cells()
   elif sweep == "conv_table2":
-    files = {"search": "cifar10_conv_table2_search.json", "final": "cifar10_conv_table2.json"}
-    tagged = [(c, files[c.pop("stage")]) for c in conv_table2_cells(results_dir)]
+    cells = conv_table2_cells(results_dir)
   else:
-    stage = "all" if sweep == "fc" else sweep.split("_")[1]
-    files = {"final": "cifar10_fc.json", "rate_check": "cifar10_fc_rate_check.json"}
-    tagged = [(c, files.get(c.pop("stage", None), "cifar10_fc_search.json"))
-              for c in fc_cells(stage, results_dir)]
+    cells = fc_cells("all" if sweep == "fc" else sweep.split("_")[1], results_dir)
+  tagged = [(c, RESULT_FILES[sweep][c.pop("stage", None)]) for c in cells]
   todo = []
   for cell, name in tagged:
     cell.setdefault("seed", 0)
@@ -316,14 +330,53 @@ def run_cell(sweep, cell, results, commit):
     logging.warning("Cell diverged: %s", e)
     record.update(val_acc=None, test_acc=None, val_loss=None,
                   train_time_s=time.time() - start, diverged=True)
-  record["commit"] = commit
+  record.update(curve=epoch_curve(workdir), commit=commit)
   sweeps.append_result(results, record)
+
+
+def epoch_curve(workdir) -> list[list[float]]:
+  """One row per evaluation of the run: [step, validation accuracy, the training
+  loss and accuracy averaged over the logged windows since the previous one]
+  (training batches are augmented and BatchNorm uses their statistics)."""
+  curve, window = [], []
+  for step, m in sorted(sweeps.metrics_by_step(workdir).items()):
+    if "train_loss" in m:
+      window.append((m["train_loss"], m["train_accuracy"]))
+    if "validation_acc" in m:
+      loss, acc = map(float, np.mean(window, axis=0)) if window else (None, None)
+      curve.append([step, m["validation_acc"], loss, acc])
+      window = []
+  return curve
+
+
+def add_curves(sweep, results_dir) -> int:
+  """Adds `epoch_curve` to the records without one whose workdir has a log; returns
+  how many got one."""
+  added = 0
+  for name in sorted(set(RESULT_FILES[sweep].values())):
+    path = os.path.join(results_dir, name)
+    stage = os.path.splitext(name)[0]
+
+    def change(records):
+      nonlocal added
+      for r in records:
+        if not r.get("curve"):
+          curve = epoch_curve(os.path.join(sweeps.WORKDIR_ROOT.value, stage, cell_name(r)))
+          if curve:
+            r["curve"], added = curve, added + 1
+      return records
+    if os.path.exists(path):
+      sweeps.update_results(path, change)
+  return added
 
 
 def main(argv):
   del argv
   commit = sweeps.commit_hash()  # the code this process imported, read once at start-up
   os.makedirs(sweeps.RESULTS_DIR.value, exist_ok=True)
+  if _ADD_CURVES.value:
+    logging.info("Curves added to %d records.", add_curves(_SWEEP.value, sweeps.RESULTS_DIR.value))
+    return
   sweeps.run_free_cells(lambda: run_next_free_cell(_SWEEP.value, sweeps.RESULTS_DIR.value,
                                                   commit))
 

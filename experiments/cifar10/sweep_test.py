@@ -181,3 +181,35 @@ def test_table2_searches_every_rate_then_runs_every_seed_at_the_best(tmp_path):
             if p.endswith("cifar10_conv_table2.json")]
   assert [(c["method"], c["lr"], c["seed"], c["epochs"]) for c in finals] == [
       ("baseline", 0.05, s, conv_table2.get_config().num_epochs) for s in conv_table2.SEEDS]
+
+
+def _write_log(workdir, rows):
+  workdir.mkdir(parents=True)
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_epoch_curve_averages_the_training_windows_between_evaluations(tmp_path):
+  def train(step, loss, acc):
+    return dict(step=step, train_loss=loss, train_accuracy=acc)
+  _write_log(tmp_path / "run", [
+      train(2, 3.0, 0.1), train(4, 1.0, 0.3), dict(step=4, validation_acc=0.4, epoch=1.0),
+      train(6, 9.0, 0.9),  # a window the killed run logged, then redone on resuming
+      train(6, 0.5, 0.5), train(8, 0.25, 0.7), dict(step=8, validation_acc=0.6, epoch=2.0)])
+  assert sweep.epoch_curve(str(tmp_path / "run")) == [[4, 0.4, 2.0, 0.2],
+                                                      [8, 0.6, 0.375, 0.6]]
+  assert sweep.epoch_curve(str(tmp_path / "missing")) == []
+
+
+def test_add_curves_fills_in_the_records_whose_workdir_has_a_log(tmp_path):
+  flags.FLAGS(["sweep_test", f"--workdir_root={tmp_path / 'work'}"])
+  (cell, path), (other, _) = sweep.pending_cells("conv_table2", str(tmp_path))[:2]
+  records = [dict(sweep.make_record("conv_table2", c), val_acc=0.5) for c in (cell, other)]
+  sweeps.update_results(path, lambda _: records)
+  _write_log(tmp_path / "work" / "cifar10_conv_table2_search"
+             / sweep.cell_name(records[0]),
+             [dict(step=5, train_loss=1.5, train_accuracy=0.25),
+              dict(step=5, validation_acc=0.5, epoch=1.0)])
+  assert sweep.add_curves("conv_table2", str(tmp_path)) == 1
+  first, second = sweeps.read_results(path)
+  assert first["curve"] == [[5, 0.5, 1.5, 0.25]] and "curve" not in second
+  assert sweep.add_curves("conv_table2", str(tmp_path)) == 0  # the curve is kept

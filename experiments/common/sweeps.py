@@ -63,14 +63,31 @@ def locked(path: str, blocking: bool = True) -> Iterator[bool]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def append_result(path: str, record: dict[str, Any]) -> None:
-  """Appends atomically, also against other sweep processes writing the same file."""
+def update_results(path: str, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+                   ) -> None:
+  """Replaces the records with ``change(records)``, atomically, also against other
+  sweep processes writing the same file."""
   with locked(f"{path}.lock"):
-    records = read_results(path) + [record]
+    records = change(read_results(path))
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
       json.dump(records, f, indent=1)
     os.replace(tmp, path)
+
+
+def append_result(path: str, record: dict[str, Any]) -> None:
+  update_results(path, lambda records: records + [record])
+
+
+def metrics_by_step(workdir: str) -> dict[int, dict[str, float]]:
+  """A run's ``metrics.jsonl`` as step -> metrics; a resumed run's later writes
+  replace the earlier ones ({} if the run has no log)."""
+  rows, path = {}, os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for row in map(json.loads, f):
+        rows.setdefault(row.pop("step"), {}).update(row)
+  return rows
 
 
 def run_next_free_cell(pending: Callable[[], list[tuple[Cell, str]]],

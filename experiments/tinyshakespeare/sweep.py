@@ -169,25 +169,15 @@ def cell_workdir(cell, results) -> str:
 
 
 def validation_curve(workdir) -> list[list[float]]:
-  """[step, validation loss] pairs from the run's metrics log (last write per step)."""
-  curve, path = {}, os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    for line in f:
-      row = json.loads(line)
-      if "validation_loss" in row:
-        curve[row["step"]] = row["validation_loss"]
-  return [[s, curve[s]] for s in sorted(curve)]
+  """[step, validation loss] pairs from the run's metrics log."""
+  return [[step, m["validation_loss"]]
+          for step, m in sorted(sweeps.metrics_by_step(workdir).items())
+          if "validation_loss" in m]
 
 
 def median_steps_per_second(workdir) -> float | None:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    rates = [r["train_steps_per_second"] for r in map(json.loads, f)
-             if "train_steps_per_second" in r]
+  rates = [m["train_steps_per_second"] for _, m in sorted(sweeps.metrics_by_step(workdir).items())
+           if "train_steps_per_second" in m]
   return float(np.median(rates[1:])) if len(rates) > 1 else None  # the first has compiles
 
 
