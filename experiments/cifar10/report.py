@@ -342,7 +342,8 @@ def table2_figure(finals, path) -> None:
     if runs:
       mean = np.mean(runs, axis=0)
       epochs = np.arange(1, len(mean) + 1)
-      axes[0].plot(epochs, 100 * mean[:, 1], marker="o", label=f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+      seeds = f"{len(runs)} seed" + "s" * (len(runs) > 1)
+      axes[0].plot(epochs, 100 * mean[:, 1], marker="o", label=f"{method} ({seeds})")
       axes[1].plot(epochs, mean[:, 2], marker="o", label=method)
   axes[0].set(xlabel="epoch", ylabel="validation accuracy (%)")
   axes[1].set(xlabel="epoch", ylabel="training loss (epoch mean)")
