@@ -185,6 +185,36 @@ def figure(search, finals, path) -> None:
   plt.close(fig)
 
 
+def long_figure(records, path) -> bool:
+  """The longer schedule's validation loss per run and the paired gap (ENorm -
+  AdamW, same seed) at every evaluation; False (no file) until a seed has both."""
+  curves = {(r["method"], r["seed"]): dict(map(tuple, r["curve"])) for r in records}
+  pairs = sorted((m, s) for m, s in curves if m != "adamw" and ("adamw", s) in curves)
+  if not pairs:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (losses, gaps) = plt.subplots(1, 2, figsize=(11, 4))
+  for (method, seed), curve in sorted(curves.items()):
+    losses.plot(list(curve), list(curve.values()), label=f"{LABELS[method]}, seed {seed}")
+  for method, seed in pairs:
+    steps = sorted(set(curves[method, seed]) & set(curves["adamw", seed]))
+    gaps.plot(steps, [curves[method, seed][t] - curves["adamw", seed][t] for t in steps],
+              marker="o", label=f"seed {seed}")
+  gaps.axhline(0.0, color="k", lw=0.8)
+  losses.set(xlabel="step", ylabel="validation loss (nats/char)", ylim=(None, 2.6))
+  gaps.set(xlabel="step", ylabel=f"{LABELS[pairs[0][0]]} − AdamW (same seed)")
+  for ax in (losses, gaps):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f"Longer schedule, {records[0]['num_steps']} steps")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
 def render(results_dir: str) -> str:
   search = sweeps.read_results(os.path.join(results_dir, sweep.SEARCH_FILE))
   finals = sweeps.read_results(os.path.join(results_dir, sweep.FINAL_FILE))
@@ -197,7 +227,9 @@ def render(results_dir: str) -> str:
              "(final validation loss, nats per character):\n\n" + search_table(search, arch) +
              "\n\nFull runs at each method's best rate, then the controls (no weight "
              "decay; c = 1.2; per-kind rates):\n\n" + final_table(finals, arch) + "\n")
-  text += long_table(sweeps.read_results(os.path.join(results_dir, sweep.LONG_FILE)))
+  long_runs = sweeps.read_results(os.path.join(results_dir, sweep.LONG_FILE))
+  text += long_table(long_runs)
+  long_figure(long_runs, os.path.join(results_dir, "tinyshakespeare_long.png"))
   text += "\nMade by `python -m experiments.tinyshakespeare.report`.\n"
   with open(os.path.join(results_dir, "tinyshakespeare.md"), "w") as f:
     f.write(text)

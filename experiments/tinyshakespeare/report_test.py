@@ -63,3 +63,6 @@ def test_the_longer_schedule_table_gives_the_gap_at_every_evaluation(tmp_path):
   assert "### Longer schedule: GPT-style (LayerNorm, ReLU MLP), 3000 steps" in text
   assert "| 100 | 3.0000 | 2.9000 | -0.1000, -0.1000 |" in text
   assert "| 200 | 2.5000 | 2.4800 | -0.0200, -0.0200 |" in text
+  assert (tmp_path / "tinyshakespeare_long.png").stat().st_size > 0
+  assert not report.long_figure(runs[:1], tmp_path / "none.png")  # AdamW alone: no pair
+  assert not (tmp_path / "none.png").exists()
