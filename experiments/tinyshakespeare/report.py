@@ -204,7 +204,8 @@ def long_figure(records, path) -> bool:
               marker="o", label=f"seed {seed}")
   gaps.axhline(0.0, color="k", lw=0.8)
   losses.set(xlabel="step", ylabel="validation loss (nats/char)", ylim=(None, 2.6))
-  gaps.set(xlabel="step", ylabel=f"{LABELS[pairs[0][0]]} − AdamW (same seed)")
+  gaps.set(xlabel="step", ylabel="minus AdamW's, same seed (nats/char)",
+           title=f"{LABELS[pairs[0][0]]}: validation loss minus AdamW's")
   for ax in (losses, gaps):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
