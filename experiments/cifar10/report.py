@@ -319,9 +319,10 @@ def table2_curves(finals) -> str:
     if not seeds:
       continue
     runs = np.stack([curves[method, s] for s in seeds])  # (seeds, epochs, 4)
+    last_loss, last_acc = _mean_std(runs[:, -1, 2], decimals=3), _mean_std(100 * runs[:, -1, 3])
     lines.append(f"| {method} | {','.join(map(str, seeds))} | "
                  + " / ".join(f"{v:.1f}" for v in 100 * runs[:, :, 1].mean(0))
-                 + f" | {_mean_std(runs[:, -1, 2], decimals=3)} | {_mean_std(100 * runs[:, -1, 3])} |")
+                 + f" | {last_loss} | {last_acc} |")
   lines.append("")
   for method, (reference, _) in TABLE2_CLAIMS.items():
     seeds = sorted(s for m, s in curves if m == method and (reference, s) in curves)
