@@ -306,7 +306,7 @@ def table2_curves(finals) -> str:
   accuracy after each epoch, the last epoch's training loss and accuracy, and for
   each of the paper's claims the difference after each epoch, paired by seed."""
   curves = {(method_label(r), r["seed"]): np.array(r["curve"], dtype=float)
-            for r in finals if r.get("curve")}
+            for r in finals if r.get("curve") and r["val_acc"] is not None}  # finished runs
   if not curves:
     return ""
   lines = ["Per-epoch curves (the seeds whose run logs were kept): validation accuracy % "
@@ -339,7 +339,7 @@ def table2_figure(finals, path) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for method in TABLE2_METHODS:
     runs = [np.array(r["curve"], dtype=float) for r in finals
-            if r.get("curve") and method_label(r) == method]
+            if r.get("curve") and r["val_acc"] is not None and method_label(r) == method]
     if runs:
       mean = np.mean(runs, axis=0)
       epochs = np.arange(1, len(mean) + 1)

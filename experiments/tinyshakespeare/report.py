@@ -125,6 +125,11 @@ def final_table(records, arch: str = "gpt") -> str:
   return "\n".join(lines + notes)
 
 
+def _curves_by_run(records) -> dict:
+  """(method, seed) -> {step: validation loss}."""
+  return {(r["method"], r["seed"]): dict(map(tuple, r["curve"])) for r in records}
+
+
 def long_table(records) -> str:
   """The longer schedule: validation loss at every evaluation, and the paired gap
   (ENorm - AdamW, same seed) per seed."""
@@ -132,7 +137,7 @@ def long_table(records) -> str:
     return ""
   arch = sweep.field(records[0], "architecture")
   method = next((r["method"] for r in records if r["method"] != "adamw"), None)
-  curves = {(r["method"], r["seed"]): dict(map(tuple, r["curve"])) for r in records}
+  curves = _curves_by_run(records)
   seeds = sorted({s for m, s in curves if m == "adamw" and (method, s) in curves})
   if method is None or not seeds:
     return ""
@@ -188,7 +193,7 @@ def figure(search, finals, path) -> None:
 def long_figure(records, path) -> bool:
   """The longer schedule's validation loss per run and the paired gap (ENorm -
   AdamW, same seed) at every evaluation; False (no file) until a seed has both."""
-  curves = {(r["method"], r["seed"]): dict(map(tuple, r["curve"])) for r in records}
+  curves = _curves_by_run(records)
   pairs = sorted((m, s) for m, s in curves if m != "adamw" and ("adamw", s) in curves)
   if not pairs:
     return False

@@ -2,8 +2,8 @@
 
 A REDUCED protocol, not the paper's (`conv.py`): a quarter of the width (hidden
 widths 32/32/32, 64/64/64, 80, 80) and 8 epochs instead of 128: 10,000 steps,
-25-50 minutes on one core of the project's 2-core CPU while the other core
-trains too (4-7 steps/s); the paper's full width for 128 epochs would take
+24-31 minutes each for the five seed-2 runs on one core of the project's 2-core
+CPU while the other core trained too; the paper's full width for 128 epochs would take
 about 20 days there. Everything else is the
 paper's: the 40k/10k split, batch 32, no momentum, weight decay 1e-3, the
 quadratic decay to 1e-4 (compressed to the shorter run), the final BatchNorm on
