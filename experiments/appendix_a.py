@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import enorm_jax
+from experiments.common import reports
 
 _CYCLES = flags.DEFINE_integer("cycles", 100, "ENorm cycles to run.")
 _LAYERS = flags.DEFINE_integer("layers", 20, "Number of layers.")
@@ -81,9 +82,7 @@ def run(cycles: int, layers: int, width: int, schedule: str):
 
 
 def plot(records, snapshots, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reports.pyplot()
   import numpy as np
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
   for cycle, energies in sorted(snapshots.items()):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import enorm_jax
+from experiments.common import reports
 from enorm_jax.models import ResNet18C
 
 _OUT = flags.DEFINE_string("out_dir", "experiments/results", "Where to write figures.")
@@ -66,9 +67,7 @@ def figure10(out_dir, runs):
 
 
 def _plot(series, xlabel, ylabel, title, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reports.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for xs, ys, label in series:
     ax.plot(list(xs), ys, label=label)

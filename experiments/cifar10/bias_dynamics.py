@@ -40,6 +40,7 @@ import enorm_jax
 from enorm_jax import models
 from experiments.cifar10 import input_pipeline
 from experiments.cifar10.configs import fc
+from experiments.common import reports
 
 VARIANTS = ("bias", "bias_in_norm", "bias_no_decay", "bias_c1", "bias_unbalanced_steps", "no_bias")
 _DEPTH = flags.DEFINE_integer("depth", 15, "Number of 500x500 intermediary layers.")
@@ -167,9 +168,7 @@ def summary(record) -> str:
 
 def plot(records, path, layer: int = 8) -> None:
   """Loss, and one middle layer's bias-to-signal ratio and active fraction, per step."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reports.pyplot()
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   for r in records:
     steps = range(1, len(r["stats"]) + 1)

@@ -18,14 +18,9 @@ import os
 import numpy as np
 from absl import app
 
+from experiments.cifar10 import table2
 from experiments.common import sweeps
-
-
-def method_label(r) -> str:
-  if r["method"] == "enorm":
-    return f"ENorm-{r['c']:g}"
-  return {"baseline": "Baseline", "bn": "BN", "gn": "GN", "path_sgd": "Path-SGD",
-          "enorm_impl": "ENorm-Impl"}.get(r["method"], r["method"])
+from experiments.common.reports import mean_std, method_label, pyplot, write_markdown
 
 
 def best_by(records, key_fn):
@@ -118,6 +113,7 @@ def fc_table(records, title) -> tuple[str, dict]:
   return "\n".join(lines) + "\n", best
 
 
+COMMAND = "python -m experiments.cifar10.report"
 LABEL_ORDER = ("Baseline", "BN", "GN", "ENorm-1", "ENorm-1.2", "ENorm-Impl", "Path-SGD")
 FIGURE8_METHODS = ("Baseline", "BN", "GN", "ENorm-Impl", "Path-SGD")
 
@@ -149,21 +145,14 @@ def figure8_table(records, against: str = "ENorm-1.2") -> str:
     for depth in depths:
       ours, theirs = accuracies(method, depth), accuracies(against, depth)
       seeds = sorted(set(ours) & set(theirs))
-      cells.append(f"{_mean_std([ours[s] - theirs[s] for s in seeds], signed=True)} "
+      cells.append(f"{mean_std([ours[s] - theirs[s] for s in seeds], signed=True)} "
                    f"({','.join(map(str, seeds))})" if seeds else "–")
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
 def fc_figure(best, path, title):
-  plt = _pyplot()
+  plt = pyplot()
   series = collections.defaultdict(list)
   for (m, d), r in sorted(best.items(), key=lambda kv: kv[0][1]):
     series[m].append((d, 100 * r["val_acc"], 100 * (r.get("std") or 0.0)))
@@ -226,7 +215,7 @@ def conv_bias_table(records) -> str:
 
 def conv_figure(best, path):
   """Validation accuracy against batch size, one panel per momentum (Tables 2-3)."""
-  plt = _pyplot()
+  plt = pyplot()
   momentums = sorted({mo for _, _, mo in best})
   fig, axes = plt.subplots(1, len(momentums), figsize=(5 * len(momentums), 4), squeeze=False,
                            sharey=True)
@@ -242,128 +231,6 @@ def conv_figure(best, path):
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
-
-
-TABLE2_METHODS = ("Baseline", "BN", "GN", "ENorm-1", "ENorm-1.2")
-# The paper's Table 2 claims at batch 32 without momentum (full protocol, 5 runs):
-# method -> (reference method, the claimed difference in points).
-TABLE2_CLAIMS = {"ENorm-1": ("Baseline", "+0.8"), "ENorm-1.2": ("BN", "within 0.1")}
-
-
-def table2(search, finals) -> str:
-  """Table 2 on the reduced protocol: per method the searched rates' short-run
-  accuracy, the chosen rate, the mean ± std over seeds, and the difference to the
-  Baseline paired seed by seed (same data order), mean ± std over the seeds both
-  finished."""
-  def acc(r):
-    return None if r.get("val_acc") is None else 100 * r["val_acc"]
-  rates = sorted({r["lr"] for r in search})
-  by = {(method_label(r), r["seed"]): acc(r) for r in finals}
-  lines = ["### CIFAR-NV at batch 32 without momentum (Table 2), reduced protocol "
-           "(configs/conv_table2.py)", "",
-           "Validation accuracy %; search: the short runs at each rate.", "",
-           "| method | search " + " / ".join(f"{lr:g}" for lr in rates)
-           + " | lr | accuracy | vs Baseline (paired) | seeds |", "|---|---|---|---|---|---|"]
-  for method in TABLE2_METHODS:
-    tried = {r["lr"]: acc(r) for r in search if method_label(r) == method}
-    runs = sorted((r for r in finals if method_label(r) == method), key=lambda r: r["seed"])
-    accs = [acc(r) for r in runs if acc(r) is not None]
-    cells = [" / ".join("div." if tried.get(lr, 0) is None else
-                        f"{tried[lr]:.2f}" if lr in tried else "–" for lr in rates)]
-    cells.append(f"{runs[0]['lr']:g}" if runs else "–")
-    cells.append(_mean_std(accs) if accs else "–")
-    diffs = _paired(by, method, "Baseline")[1]
-    cells.append("" if method == "Baseline" or not diffs else _mean_std(diffs, signed=True))
-    seeds = [r["seed"] for r in runs if acc(r) is not None]
-    diverged = len(runs) - len(seeds)
-    cells.append(",".join(map(str, seeds)) + (f" ({diverged} diverged)" if diverged else ""))
-    lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  return "\n".join(lines + [""] + _table2_claims(by)) + "\n"
-
-
-def _paired(by, method, reference) -> tuple[list, list]:
-  """The seeds both ``method`` and ``reference`` finished (in ``by``: (method, seed) ->
-  accuracy or None), and ``method``'s differences to ``reference`` on them."""
-  seeds = sorted(s for m, s in by if m == method and by[m, s] is not None
-                 and by.get((reference, s)) is not None)
-  return seeds, [by[method, s] - by[reference, s] for s in seeds]
-
-
-def _table2_claims(by) -> list[str]:
-  """One line per claim of the paper: its difference beside the one measured here,
-  paired seed by seed (seeds share the data order)."""
-  lines = ["The paper's claims (full protocol, 5 runs) beside this protocol, paired by seed:", ""]
-  for method, (reference, paper) in TABLE2_CLAIMS.items():
-    seeds, diffs = _paired(by, method, reference)
-    here = (f"{_mean_std(diffs, signed=True)} (seeds {','.join(map(str, seeds))})"
-            if seeds else "not yet run")
-    lines.append(f"* {method} − {reference}: paper {paper} points; here {here}.")
-  return lines
-
-
-def table2_curves(finals) -> str:
-  """Per method, over the seeds whose record has its per-epoch curve: validation
-  accuracy after each epoch, the last epoch's training loss and accuracy, and for
-  each of the paper's claims the difference after each epoch, paired by seed."""
-  curves = {(method_label(r), r["seed"]): np.array(r["curve"], dtype=float)
-            for r in finals if r.get("curve") and r["val_acc"] is not None}  # finished runs
-  if not curves:
-    return ""
-  lines = ["Per-epoch curves (the seeds whose run logs were kept): validation accuracy % "
-           "after each epoch; training loss and accuracy % averaged over the last epoch's "
-           "batches (augmented, BatchNorm on batch statistics).", "",
-           "| method | seeds | validation accuracy by epoch | last-epoch training loss "
-           "| last-epoch training accuracy |", "|---|---|---|---|---|"]
-  for method in TABLE2_METHODS:
-    seeds = sorted(s for m, s in curves if m == method)
-    if not seeds:
-      continue
-    runs = np.stack([curves[method, s] for s in seeds])  # (seeds, epochs, 4)
-    last_loss, last_acc = _mean_std(runs[:, -1, 2], decimals=3), _mean_std(100 * runs[:, -1, 3])
-    lines.append(f"| {method} | {','.join(map(str, seeds))} | "
-                 + " / ".join(f"{v:.1f}" for v in 100 * runs[:, :, 1].mean(0))
-                 + f" | {last_loss} | {last_acc} |")
-  lines.append("")
-  for method, (reference, _) in TABLE2_CLAIMS.items():
-    seeds = sorted(s for m, s in curves if m == method and (reference, s) in curves)
-    if seeds:
-      gaps = np.stack([curves[method, s][:, 1] - curves[reference, s][:, 1] for s in seeds])
-      lines.append(f"* {method} − {reference} by epoch (seeds {','.join(map(str, seeds))}): "
-                   + " / ".join(f"{v:+.1f}" for v in 100 * gaps.mean(0)) + " points.")
-  return "\n".join(lines) + "\n"
-
-
-def table2_figure(finals, path) -> None:
-  """Validation accuracy and training loss by epoch, mean over the seeds with curves."""
-  plt = _pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for method in TABLE2_METHODS:
-    runs = [np.array(r["curve"], dtype=float) for r in finals
-            if r.get("curve") and r["val_acc"] is not None and method_label(r) == method]
-    if runs:
-      mean = np.mean(runs, axis=0)
-      epochs = np.arange(1, len(mean) + 1)
-      seeds = f"{len(runs)} seed" + "s" * (len(runs) > 1)
-      axes[0].plot(epochs, 100 * mean[:, 1], marker="o", label=f"{method} ({seeds})")
-      axes[1].plot(epochs, mean[:, 2], marker="o", label=method)
-  axes[0].set(xlabel="epoch", ylabel="validation accuracy (%)")
-  axes[1].set(xlabel="epoch", ylabel="training loss (epoch mean)")
-  axes[0].legend()
-  fig.suptitle("CIFAR-NV, batch 32, no momentum (reduced protocol)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def _mean_std(values, signed=False, decimals=2) -> str:
-  sign = "+" if signed else ""
-  text = f"{np.mean(values):{sign}.{decimals}f}"
-  return text + (f" ± {np.std(values, ddof=1):.{decimals}f}" if len(values) > 1 else "")
-
-
-def _write(path, table):
-  with open(path, "w") as f:
-    f.write(table + "\nMade by `python -m experiments.cifar10.report`.\n")
 
 
 def render(d: str) -> None:
@@ -382,19 +249,10 @@ def render(d: str) -> None:
     table, best = fc_table(records, title)
     if name == "cifar10_fc":
       table += "\n" + figure8_table(records)
-    _write(os.path.join(d, f"{name}.md"), table)
+    write_markdown(os.path.join(d, f"{name}.md"), table, COMMAND)
     fc_figure(best, os.path.join(d, f"{name}.png"), title)
     print(table)
-  search = os.path.join(d, "cifar10_conv_table2_search.json")
-  if os.path.exists(search):
-    finals = os.path.join(d, "cifar10_conv_table2.json")
-    finals = sweeps.read_results(finals)
-    table = table2(sweeps.read_results(search), finals)
-    curves = table2_curves(finals)
-    _write(os.path.join(d, "cifar10_conv_table2.md"), table + ("\n" + curves if curves else ""))
-    if curves:
-      table2_figure(finals, os.path.join(d, "cifar10_conv_table2.png"))
-    print(table, curves)
+  table2.render(d)
   path = os.path.join(d, "cifar10_conv.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -402,12 +260,12 @@ def render(d: str) -> None:
     biased = [r for r in records if r.get("use_bias", True)]
     if biased:
       table, best = conv_table(biased)
-      _write(os.path.join(d, "cifar10_conv.md"), table)
+      write_markdown(os.path.join(d, "cifar10_conv.md"), table, COMMAND)
       conv_figure(best, os.path.join(d, "cifar10_conv.png"))
       print(table)
     if len(biased) < len(records):
       table = conv_bias_table(records)
-      _write(os.path.join(d, "cifar10_conv_no_bias.md"), table)
+      write_markdown(os.path.join(d, "cifar10_conv_no_bias.md"), table, COMMAND)
       print(table)
 
 

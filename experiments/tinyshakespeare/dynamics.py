@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 import enorm_jax
-from experiments.common import sweeps, trainer
+from experiments.common import reports, sweeps, trainer
 from experiments.tinyshakespeare import input_pipeline, train
 from experiments.tinyshakespeare.configs import default
 
@@ -101,9 +101,7 @@ def run(method: str, corpus, config, every: int) -> dict:
 
 
 def plot(results, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reports.pyplot()
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   colors = {}
   for method, style in zip(METHODS, ("--", "-")):

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from absl import app
 
-from experiments.common import sweeps
+from experiments.common import reports, sweeps
 from experiments.tinyshakespeare import sweep, train
 
 LABELS = {"adamw": "AdamW", "enorm": "ENorm(AdamW), all groups",
@@ -95,8 +95,7 @@ def paired_difference(records, row, arch: str = "gpt") -> str:
            if k == key and v is not None and adamw(seed) is not None]
   if key == ("adamw", 1.0, key[2], "") or not diffs:
     return "–"
-  spread = f" ± {np.std(diffs, ddof=1):.4f}" if len(diffs) > 1 else ""
-  return f"{np.mean(diffs):+.4f}{spread} (n={len(diffs)})"
+  return f"{reports.mean_std(diffs, signed=True, decimals=4)} (n={len(diffs)})"
 
 
 def final_table(records, arch: str = "gpt") -> str:
@@ -156,9 +155,7 @@ def long_table(records) -> str:
 
 
 def figure(search, finals, path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reports.pyplot()
   archs = [a for a in sweep.ARCHITECTURES
            if any(sweep.field(r, "architecture") == a for r in search + finals)] or ["gpt"]
   fig, axes = plt.subplots(len(archs), 2, figsize=(11, 4 * len(archs)), squeeze=False)
@@ -197,9 +194,7 @@ def long_figure(records, path) -> bool:
   pairs = sorted((m, s) for m, s in curves if m != "adamw" and ("adamw", s) in curves)
   if not pairs:
     return False
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reports.pyplot()
   fig, (losses, gaps) = plt.subplots(1, 2, figsize=(11, 4))
   for (method, seed), curve in sorted(curves.items()):
     losses.plot(list(curve), list(curve.values()), label=f"{LABELS[method]}, seed {seed}")
@@ -236,9 +231,8 @@ def render(results_dir: str) -> str:
   long_runs = sweeps.read_results(os.path.join(results_dir, sweep.LONG_FILE))
   text += long_table(long_runs)
   long_figure(long_runs, os.path.join(results_dir, "tinyshakespeare_long.png"))
-  text += "\nMade by `python -m experiments.tinyshakespeare.report`.\n"
-  with open(os.path.join(results_dir, "tinyshakespeare.md"), "w") as f:
-    f.write(text)
+  reports.write_markdown(os.path.join(results_dir, "tinyshakespeare.md"), text,
+                         "python -m experiments.tinyshakespeare.report")
   figure(search, finals, os.path.join(results_dir, "tinyshakespeare.png"))
   return text
 

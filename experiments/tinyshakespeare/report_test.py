@@ -35,7 +35,8 @@ def test_render_writes_tables_and_figure(tmp_path):
   assert ("| ENorm(AdamW), all groups | 1 | 0 | 0.001 | 64 | 1 | 1.5500 | -0.0500 (n=1) |"
           in text)
   assert "### Llama-style" in text and "| AdamW | 1 | 0.1 | 0.003 | 0 | 1 | 1.4000 | – |" in text
-  assert (tmp_path / "tinyshakespeare.md").read_text() == text
+  assert (tmp_path / "tinyshakespeare.md").read_text() == (
+      text + "\nMade by `python -m experiments.tinyshakespeare.report`.\n")
   # AdamW with per-kind rates: its own row, paired with plain AdamW, multipliers named.
   finals += [dict(_run("adamw", 1e-2, loss, seed, 1000), lr_multipliers="query=1.4")
              for seed, loss in enumerate((1.45, 1.58))]
