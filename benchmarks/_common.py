@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -11,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def median_ms(step: Callable[[Any], Any], state: Any, reps: int, warmup: int = 2
@@ -35,6 +38,11 @@ def interleaved_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], reps: int
   order rotates by one step per round, so that every step comes first equally
   often and none is favoured by its place in the round.
   """
+  times = _interleaved_times(steps, reps, warmup)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _interleaved_times(steps, reps, warmup) -> dict[str, list[float]]:
   states = {name: state for name, (_, state) in steps.items()}
   times = {name: [] for name in steps}
   names = list(steps)
@@ -46,7 +54,49 @@ def interleaved_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], reps: int
       states[name] = jax.block_until_ready(step(states[name]))
       if round_ >= warmup:
         times[name].append((time.perf_counter() - t) * 1e3)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  return times
+
+
+def placements_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], placements: int,
+                  reps: int, warmup: int = 1) -> dict[str, list[float]]:
+  """Per named (step, state), the median time (ms) of each of ``placements`` runs of
+  `interleaved_ms`, each on fresh copies of the states (new buffers).
+
+  A program's speed on this CPU depends on where its buffers lie: one executable
+  on two copies of its state differs by up to 5 %, as much as two compilations
+  do, while each copy's own calls agree within about 1 % (a donated state keeps its
+  buffers). Sampling many placements turns that bias into noise that the median
+  over placements averages out. The states given are copied, never donated.
+  """
+  medians = {name: [] for name in steps}
+  for _ in range(placements):
+    fresh = {name: (step, jax.tree.map(jnp.copy, state)) for name, (step, state) in steps.items()}
+    for name, ms in interleaved_ms(fresh, reps, warmup).items():
+      medians[name].append(ms)
+  return medians
+
+
+def paired_ratio(numerator: list[float], denominator: list[float], draws: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+  """``median(numerator) / median(denominator)`` and its 95 % bootstrap interval,
+  resampling the placements (index ``i`` of both lists was timed in the same rounds)."""
+  num, den = np.asarray(numerator), np.asarray(denominator)
+  idx = np.random.default_rng(seed).integers(0, len(num), (draws, len(num)))
+  ratios = np.median(num[idx], axis=1) / np.median(den[idx], axis=1)
+  low, high = np.percentile(ratios, [2.5, 97.5])
+  return float(np.median(num) / np.median(den)), float(low), float(high)
+
+
+def machine() -> dict[str, Any]:
+  """The processor, core count and JAX version that a result was measured with."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return dict(cpu=cpu, cores=os.cpu_count(), jax=jax.__version__,
+              backend=jax.default_backend())
 
 
 def paper_models(quick: bool):
@@ -76,7 +126,7 @@ def emit(records: list[dict], columns: list[str], path: str | None) -> None:
     print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
   if path:
     with open(path, "w") as f:
-      json.dump(records, f, indent=1)
+      json.dump([dict(r, machine=machine()) for r in records], f, indent=1)
 
 
 def _fmt(v) -> str:

@@ -1,7 +1,7 @@
 r"""Training-step cost of ENorm on the tiny-Shakespeare decoders, side by side.
 
     python -m benchmarks.lm_step [--quick] [--json PATH] [--architectures gpt,llama]
-                                 [--reps N] [--cycle_reps N] [--instances K]
+                                 [--reps N] [--cycle_reps N] [--placements K]
                                  [--methods adamw,enorm,...]
 
 The experiment's own jitted step (`experiments.tinyshakespeare.train`) at its
@@ -15,11 +15,12 @@ rounds between 400 ms steps leave a 1 ms call too few samples, with cold caches)
 one `balance` cycle on every group (params donated) and the floor, a jitted pass
 that reads and writes every parameter once.
 
-Every variant timed in alternation (one call of each per round). Each is
-compiled ``--instances`` times: on this 2-core CPU, two compilations of the same
-program differ by up to 5-10 % in speed (measured with AdamW against itself), so
-a variant's time is the median over its instances of their median step times.
-Overheads are fractions of AdamW's.
+Every variant is compiled once and timed in alternation (one call of each per
+round) on ``--placements`` fresh copies of its state, ``--reps`` rounds each: on
+this CPU a program's speed depends on where its buffers lie (`_common.placements_ms`),
+so a variant's time is the median over placements of their median step times.
+Overheads are fractions of AdamW's, with a 95 % bootstrap interval over the
+placements; the cycle against the floor likewise.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ UNCHECKED, RAISING = "enorm_unchecked", "enorm_raising"
 
 
 def variant_step(architecture: str, method: str, mesh, batch):
-  """``(step, state)`` for `_common.interleaved_ms`, and the graph (None for AdamW)."""
+  """``(step, state)`` for `_common.placements_ms`, and the graph (None for AdamW)."""
   config = default.get_config()
   config.architecture = architecture
   config.method = "enorm" if method in (UNCHECKED, RAISING) else method
@@ -61,16 +62,17 @@ def variant_step(architecture: str, method: str, mesh, batch):
 
 def main():
   parser = _common.parser(__doc__)
-  parser.add_argument("--reps", type=int, default=0, help="timed repetitions per variant")
-  parser.add_argument("--instances", type=int, default=2,
-                      help="compilations per variant (their median is reported)")
+  parser.add_argument("--reps", type=int, default=0, help="timed rounds per placement")
+  parser.add_argument("--placements", type=int, default=0,
+                      help="fresh copies of every state, each timed --reps rounds")
   parser.add_argument("--architectures", default="gpt,llama")
   parser.add_argument("--methods", default="", help="the variants to time (AdamW always)")
   parser.add_argument("--cycle_reps", type=int, default=0,
-                      help="rounds of the cycle and the floor per instance")
+                      help="rounds of the cycle and the floor per placement")
   args = parser.parse_args()
-  reps = args.reps or (3 if args.quick else 15)
-  cycle_reps = args.cycle_reps or (20 if args.quick else 200)
+  reps = args.reps or (2 if args.quick else 6)
+  placements = args.placements or (2 if args.quick else 16)
+  cycle_reps = args.cycle_reps or (10 if args.quick else 50)
   config = default.get_config()
   mesh = trainer.make_mesh(1)
   tokens = np.random.default_rng(0).integers(0, VOCAB_SIZE, (config.batch_size,
@@ -85,30 +87,28 @@ def main():
                    "cycle balances) missing")
   records = []
   for architecture in args.architectures.split(","):
-    steps, graphs, per_instance = {}, {}, {}
-    for i in range(args.instances):
-      for method in methods:
-        steps[method, i], graphs[method] = variant_step(architecture, method, mesh, batch)
-      params = jax.tree.map(jnp.copy, steps["adamw", i][1].params)
-      graph = graphs["enorm"]
-      cycle = {"cycle": (jax.jit(lambda p: enorm_jax.balance(p, graph)[0],
-                                 donate_argnums=0), params),
-               "floor": (jax.jit(lambda p: jax.tree.map(lambda w: w * 1.0001, p),
-                                 donate_argnums=0), jax.tree.map(jnp.copy, params))}
-      per_instance.update({(name, i): ms for name, ms
-                           in _common.interleaved_ms(cycle, cycle_reps).items()})
-    per_instance.update(_common.interleaved_ms(steps, reps))
-    ms = {name: statistics.median(t for (n, _), t in per_instance.items() if n == name)
-          for name, _ in per_instance}
-    record = dict(model=architecture, reps=reps, cycle_reps=cycle_reps,
-                  instances=args.instances,
-                  adamw_ms=ms["adamw"], cycle_ms=ms["cycle"],
-                  floor_ms=ms["floor"], cycle_share=ms["cycle"] / ms["adamw"],
-                  cycle_floor_ratio=ms["cycle"] / ms["floor"])
+    steps, graphs = {}, {}
+    for method in methods:
+      steps[method], graphs[method] = variant_step(architecture, method, mesh, batch)
+    params, graph = steps["adamw"][1].params, graphs["enorm"]
+    cycle = {"cycle": (jax.jit(lambda p: enorm_jax.balance(p, graph)[0], donate_argnums=0),
+                       params),
+             "floor": (jax.jit(lambda p: jax.tree.map(lambda w: w * 1.0001, p),
+                               donate_argnums=0), params)}
+    cycle_ms = _common.placements_ms(cycle, placements, cycle_reps)
+    step_ms = _common.placements_ms(steps, placements, reps)
+    ms = {name: statistics.median(t) for name, t in {**step_ms, **cycle_ms}.items()}
+    ratio, low, high = _common.paired_ratio(cycle_ms["cycle"], cycle_ms["floor"])
+    record = dict(model=architecture, reps=reps, placements=placements, cycle_reps=cycle_reps,
+                  adamw_ms=ms["adamw"], cycle_ms=ms["cycle"], floor_ms=ms["floor"],
+                  cycle_share=ms["cycle"] / ms["adamw"],
+                  cycle_floor_ratio=ratio, cycle_floor_interval=[low, high])
     for m in methods[1:]:
+      ratio, low, high = _common.paired_ratio(step_ms[m], step_ms["adamw"])
       record[f"{m}_ms"] = ms[m]
       record[f"{m}_units"] = graphs[m].num_units
-      record[f"{m}_overhead"] = ms[m] / ms["adamw"] - 1
+      record[f"{m}_overhead"] = ratio - 1
+      record[f"{m}_overhead_interval"] = [low - 1, high - 1]
     records.append(record)
   _common.emit(records, ["model", "adamw_ms", "cycle_share", "cycle_floor_ratio"]
                + [f"{m}_overhead" for m in methods[1:]], args.json)

@@ -114,3 +114,27 @@ def test_interleaved_timing_rotates_which_step_comes_first():
   assert set(ms) == {"a", "b", "c"}
   rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
   assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]
+
+
+def test_placements_time_fresh_copies_and_never_donate_the_given_state():
+  from benchmarks import _common
+  donating = jax.jit(lambda s: s + 1, donate_argnums=0)
+  origin = jnp.zeros(4)
+  seen = []
+  steps = {"a": (lambda s: seen.append(float(s[0])) or donating(s), origin)}
+  medians = _common.placements_ms(steps, placements=3, reps=2, warmup=1)
+  assert len(medians["a"]) == 3
+  # Every placement starts again from the given state, which is still alive.
+  assert seen == [0.0, 1.0, 2.0] * 3
+  assert float(origin.sum()) == 0.0
+
+
+def test_paired_ratio_interval_brackets_a_known_ratio():
+  from benchmarks import _common
+  rng = np.random.default_rng(1)
+  base = 100 + rng.normal(0, 5, 40)  # placements' medians, shared drift per index
+  ratio, low, high = _common.paired_ratio(list(1.02 * base + rng.normal(0, 0.1, 40)),
+                                          list(base))
+  assert abs(ratio - 1.02) < 0.005 and low < 1.02 < high and high - low < 0.05
+  ratio, low, high = _common.paired_ratio([110.0] * 5, [100.0] * 5)
+  assert ratio == low == high == 1.1
