@@ -12,9 +12,11 @@ the longer schedule (`long_choice`). Last, the learning-rate controls: AdamW wit
 per-kind learning rates matched to ENorm's relative steps
 (`train.matched_multipliers`, every seed; where the dynamics tool has measured the
 architecture, `DYNAMICS_FILE`) and with every kind at their size-weighted root mean
-square (`train.uniform_multipliers`). Each finished cell
-appends a record, with its validation-loss curve, to
-`tinyshakespeare_search.json` or `tinyshakespeare.json`; workers may run in parallel
+square (`train.uniform_multipliers`); where AdamW's searched rate is not the
+rate the dynamics run measured the ratios at (ENorm's), AdamW at that rate, plain
+and with the matched rates (every seed, `AT_ENORM_RATE_FILE`). Each finished cell
+appends a record, with its validation-loss curve, to its stage's results file
+(`tinyshakespeare_search.json`, `tinyshakespeare.json`, ...); workers may run in parallel
 (see `experiments.common.sweeps`).
 """
 
@@ -44,6 +46,8 @@ KEY_FIELDS = ("architecture", "method", "c", "weight_decay", "lr", "num_steps", 
               "lr_multipliers")
 SEARCH_FILE, FINAL_FILE = "tinyshakespeare_search.json", "tinyshakespeare.json"
 LONG_FILE = "tinyshakespeare_long.json"
+# AdamW at the dynamics run's rate (ENorm's), plain and with the matched rates.
+AT_ENORM_RATE_FILE = "tinyshakespeare_at_enorm_rate.json"
 DYNAMICS_FILE = "tinyshakespeare_dynamics_{}.json"  # per architecture
 
 
@@ -98,7 +102,8 @@ def all_cells(results_dir) -> list[tuple[dict, str]]:
   """(cell, results file) pairs in priority order: every architecture's search, then
   architecture by architecture its full runs seed by seed and its weight-decay and c
   controls, then the longer schedule, then the learning-rate controls (the matched
-  per-kind rates and their uniform control)."""
+  per-kind rates, their uniform control, and AdamW at the rate the ratios were
+  measured at)."""
   config = default.get_config()
   search = sweeps.read_results(os.path.join(results_dir, SEARCH_FILE))
   searched = {cell_key(r) for r in search}
@@ -117,12 +122,19 @@ def all_cells(results_dir) -> list[tuple[dict, str]]:
     dynamics_path = os.path.join(results_dir, DYNAMICS_FILE.format(arch))
     if "adamw" in rate and os.path.exists(dynamics_path):
       with open(dynamics_path) as f:
-        matched = train.matched_multipliers(json.load(f))
+        dynamics = json.load(f)
+      matched = train.matched_multipliers(dynamics)
       stages[3].extend(final("adamw", seed, lr_multipliers=matched) for seed in SEEDS)
       arch_config = default.get_config()
       arch_config.architecture = arch
       uniform = train.uniform_multipliers(matched, train.kind_sizes(arch_config))
       stages[3].extend(final("adamw", seed, lr_multipliers=uniform) for seed in SEEDS)
+      measured_at = dynamics["config"]["learning_rate"]  # where the ratios hold
+      if measured_at != rate["adamw"]:
+        at_rate = lambda seed, **kw: (dict(final("adamw", seed, **kw)[0], lr=measured_at),
+                                      AT_ENORM_RATE_FILE)
+        stages[3].extend(at_rate(seed, **kw) for seed in SEEDS
+                         for kw in ({}, {"lr_multipliers": matched}))
     stages[1].extend(final(m, seed, weight_decay=0.0) for seed in SEEDS
                      for m in ("adamw", "enorm") if m in rate)
     stages[1].extend([final("enorm", SEEDS[0], c=CONTROL_C)] if "enorm" in rate else [])

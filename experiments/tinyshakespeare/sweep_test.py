@@ -48,6 +48,7 @@ def test_the_matched_rate_control_waits_for_the_dynamics_run(tmp_path):
   steps = [1, 50, 100]
   dynamics = {m: {"step": steps, "relative_step": [{"query": q, "fc1": 1.0}] * 3}
               for m, q in (("adamw", 1.0), ("enorm", 1.5))}
+  dynamics["config"] = {"learning_rate": 1e-2}  # AdamW's searched rate
   (tmp_path / sweep.DYNAMICS_FILE.format("gpt")).write_text(json.dumps(dynamics))
   # The matched rates, then their uniform control: sqrt((4 * 1.5^2 + 16 * 1^2) / 20)
   # with fc1 four times query's parameter count.
@@ -59,6 +60,15 @@ def test_the_matched_rate_control_waits_for_the_dynamics_run(tmp_path):
   # Cells without multipliers keep the folder names they had before the field existed.
   assert "lr_multipliers" not in sweep.cell_workdir(search[0], sweep.SEARCH_FILE)
   assert "lr_multipliers=fc1=1.00" in sweep.cell_workdir(matched()[0], sweep.FINAL_FILE)
+  assert not [c for c, f in sweep.all_cells(str(tmp_path)) if f == sweep.AT_ENORM_RATE_FILE]
+  # Ratios measured at another rate: AdamW at that rate too, plain and matched, seed by
+  # seed, in their own file (so they never count as the main runs at AdamW's rate).
+  dynamics["config"] = {"learning_rate": 3e-3}
+  (tmp_path / sweep.DYNAMICS_FILE.format("gpt")).write_text(json.dumps(dynamics))
+  at_rate = [(c["lr"], c["seed"], c.get("lr_multipliers", "")) for c, f
+             in sweep.all_cells(str(tmp_path)) if f == sweep.AT_ENORM_RATE_FILE]
+  assert at_rate == [(3e-3, s, m) for s in sweep.SEEDS for m in ("", "fc1=1.00,query=1.50")]
+  assert len(matched()) == 2 * len(sweep.SEEDS) + len(sweep.SEEDS)
 
 
 def test_the_longer_schedule_waits_for_every_full_run_and_takes_the_largest_gain(tmp_path):
@@ -83,6 +93,7 @@ def test_the_longer_schedule_waits_for_every_full_run_and_takes_the_largest_gain
   # The learning-rate controls come after the longer schedule.
   dynamics = {m: {"step": [1, 50, 100], "relative_step": [{"query": 1.0}] * 3}
               for m in ("adamw", "enorm")}
+  dynamics["config"] = {"learning_rate": 3e-3}
   (tmp_path / sweep.DYNAMICS_FILE.format("llama")).write_text(json.dumps(dynamics))
   names = [(name, bool(c.get("lr_multipliers"))) for c, name in sweep.all_cells(str(tmp_path))]
   assert names.index((sweep.LONG_FILE, False)) < names.index((sweep.FINAL_FILE, True))
