@@ -124,6 +124,25 @@ def final_table(records, arch: str = "gpt") -> str:
   return "\n".join(lines + notes)
 
 
+def at_enorm_rate_table(at_rate, finals) -> str:
+  """Per architecture with such runs: AdamW at the rate the dynamics run measured the
+  step ratios at (ENorm's), plain and with the matched rates, beside ENorm's main
+  runs at that rate, each paired with plain AdamW at that rate."""
+  text = ""
+  for arch in sweep.ARCHITECTURES:
+    runs = [r for r in at_rate if sweep.field(r, "architecture") == arch]
+    if not runs:
+      continue
+    lr = runs[0]["lr"]
+    enorm = [r for r in finals if r["method"] == "enorm" and r["lr"] == lr
+             and sweep.is_main(r, arch) and r["num_steps"] == runs[0]["num_steps"]]
+    text += (f"\n### {TITLES[arch]}: AdamW at ENorm's rate\n\nAdamW at {lr:g}, the rate "
+             "of the dynamics run that measured the matched rates, beside ENorm's full "
+             "runs at that rate; differences to plain AdamW at that rate:\n\n"
+             + final_table(runs + enorm, arch) + "\n")
+  return text
+
+
 def _curves_by_run(records) -> dict:
   """(method, seed) -> {step: validation loss}."""
   return {(r["method"], r["seed"]): dict(map(tuple, r["curve"])) for r in records}
@@ -228,6 +247,8 @@ def render(results_dir: str) -> str:
              "(final validation loss, nats per character):\n\n" + search_table(search, arch) +
              "\n\nFull runs at each method's best rate, then the controls (no weight "
              "decay; c = 1.2; per-kind rates):\n\n" + final_table(finals, arch) + "\n")
+  text += at_enorm_rate_table(
+      sweeps.read_results(os.path.join(results_dir, sweep.AT_ENORM_RATE_FILE)), finals)
   long_runs = sweeps.read_results(os.path.join(results_dir, sweep.LONG_FILE))
   text += long_table(long_runs)
   long_figure(long_runs, os.path.join(results_dir, "tinyshakespeare_long.png"))

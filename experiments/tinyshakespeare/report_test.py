@@ -67,3 +67,23 @@ def test_the_longer_schedule_table_gives_the_gap_at_every_evaluation(tmp_path):
   assert (tmp_path / "tinyshakespeare_long.png").stat().st_size > 0
   assert not report.long_figure(runs[:1], tmp_path / "none.png")  # AdamW alone: no pair
   assert not (tmp_path / "none.png").exists()
+
+
+def test_adamw_at_enorm_rate_is_paired_with_plain_adamw_at_that_rate(tmp_path):
+  llama = lambda method, lr, loss, seed, **kw: dict(_run(method, lr, loss, seed, 1000),
+                                                   architecture="llama", **kw)
+  finals = [llama("adamw", 1e-2, 1.47, s) for s in (0, 1)]  # AdamW at its own rate
+  finals += [llama("enorm", 3e-3, loss, s) for s, loss in ((0, 1.48), (1, 1.49))]
+  at_rate = [llama("adamw", 3e-3, loss, s) for s, loss in ((0, 1.50), (1, 1.52))]
+  at_rate += [llama("adamw", 3e-3, loss, s, lr_multipliers="query=1.4,up=1.2")
+              for s, loss in ((0, 1.49), (1, 1.50))]
+  (tmp_path / sweep.FINAL_FILE).write_text(json.dumps(finals))
+  assert "AdamW at ENorm's rate" not in report.render(str(tmp_path))
+  (tmp_path / sweep.AT_ENORM_RATE_FILE).write_text(json.dumps(at_rate))
+  section = report.render(str(tmp_path)).split("AdamW at ENorm's rate")[1]
+  assert "| AdamW | 1 | 0.1 | 0.003 | 0 | 2 | 1.5100 ± 0.0141 | – |" in section
+  assert "| ENorm(AdamW), all groups | 1 | 0.1 | 0.003 | 64 | 2 | 1.4850 ± 0.0071 " \
+      "| -0.0250 ± 0.0071 (n=2) |" in section
+  assert (f"| {report.MATCHED_LABEL} | 1 | 0.1 | 0.003 | 0 | 2 | 1.4950 ± 0.0071 "
+          "| -0.0150 ± 0.0071 (n=2) |") in section
+  assert "0.01 |" not in section.split("### Longer")[0]  # AdamW at its own rate left out
