@@ -19,8 +19,9 @@ Every variant is compiled once and timed in alternation (one call of each per
 round) on ``--placements`` fresh copies of its state, ``--reps`` rounds each: on
 this CPU a program's speed depends on where its buffers lie (`_common.placements_ms`),
 so a variant's time is the median over placements of their median step times.
-Overheads are fractions of AdamW's, with a 95 % bootstrap interval over the
-placements; the cycle against the floor likewise.
+An overhead is the median over placements of the variant's time over AdamW's in
+the same rounds, minus 1, with a 95 % bootstrap interval over the placements; the
+cycle against the floor likewise. The records keep every placement's medians.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def main():
     record = dict(model=architecture, reps=reps, placements=placements, cycle_reps=cycle_reps,
                   adamw_ms=ms["adamw"], cycle_ms=ms["cycle"], floor_ms=ms["floor"],
                   cycle_share=ms["cycle"] / ms["adamw"],
-                  cycle_floor_ratio=ratio, cycle_floor_interval=[low, high])
+                  cycle_floor_ratio=ratio, cycle_floor_interval=[low, high],
+                  placement_ms={**step_ms, **cycle_ms})
     for m in methods[1:]:
       ratio, low, high = _common.paired_ratio(step_ms[m], step_ms["adamw"])
       record[f"{m}_ms"] = ms[m]
