@@ -38,11 +38,6 @@ def interleaved_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], reps: int
   order rotates by one step per round, so that every step comes first equally
   often and none is favoured by its place in the round.
   """
-  times = _interleaved_times(steps, reps, warmup)
-  return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _interleaved_times(steps, reps, warmup) -> dict[str, list[float]]:
   states = {name: state for name, (_, state) in steps.items()}
   times = {name: [] for name in steps}
   names = list(steps)
@@ -54,7 +49,7 @@ def _interleaved_times(steps, reps, warmup) -> dict[str, list[float]]:
       states[name] = jax.block_until_ready(step(states[name]))
       if round_ >= warmup:
         times[name].append((time.perf_counter() - t) * 1e3)
-  return times
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def placements_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], placements: int,
@@ -62,11 +57,12 @@ def placements_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], placements
   """Per named (step, state), the median time (ms) of each of ``placements`` runs of
   `interleaved_ms`, each on fresh copies of the states (new buffers).
 
-  A program's speed on this CPU depends on where its buffers lie: one executable
-  on two copies of its state differs by up to 5 %, as much as two compilations
-  do, while each copy's own calls agree within about 1 % (a donated state keeps its
-  buffers). Sampling many placements turns that bias into noise that the median
-  over placements averages out. The states given are copied, never donated.
+  A program's speed on this CPU depends on where its buffers lie, and a donated
+  state keeps its buffers: one executable on three copies of its state differed
+  by up to 4.7 % in one run of interleaved rounds, as much as a second
+  compilation did (the GPT-style LM step; an exploratory script). Sampling many
+  placements turns that bias into noise that the median over placements averages
+  out. The states given are copied, never donated.
   """
   medians = {name: [] for name in steps}
   for _ in range(placements):
