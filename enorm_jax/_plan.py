@@ -25,8 +25,6 @@ Scales = tuple[jax.Array, ...]
 
 # Leading axes of at most this many slices are summed by slice additions.
 MAX_SLICES = 64
-# As are inner axes of at most this many slices (`sum_by_slices`).
-MAX_SMALL_SLICES = 8
 
 
 def sum_leading(x: jax.Array, count: int) -> jax.Array:
@@ -77,24 +75,7 @@ def unit_reduce(x: jax.Array, r: ResolvedEntry, size: int, op=jnp.sum) -> jax.Ar
   if op is jnp.sum and math.prod(r.view[a] for a in trailing) > 1:
     x = sum_trailing(x, len(trailing))
     others = tuple(a for a in others if a not in trailing)
-  small = [a for a in others if a >= leading and 1 < r.view[a] <= MAX_SMALL_SLICES]
-  if op is jnp.sum and small and math.prod(r.view[a] for a in small) <= MAX_SMALL_SLICES:
-    x = sum_by_slices(x, small)
   return to_units(op(x, axis=others) if others else x, r, size)
-
-
-def sum_by_slices(x: jax.Array, axes: Sequence[int]) -> jax.Array:
-  """Sums ``axes`` of ``x`` by slice additions, keeping them with size 1.
-
-  For small axes between unit axes (e.g. the query heads that share a K/V head):
-  XLA:CPU splits a reduction over them and a long axis into two passes, writing
-  the first pass's result; slice additions are fused into the elementwise pass
-  that produces ``x``.
-  """
-  parts = [x]
-  for a in axes:
-    parts = [lax.slice_in_dim(p, j, j + 1, axis=a) for p in parts for j in range(x.shape[a])]
-  return _add_tree(parts)
 
 
 def to_units(s: jax.Array, r: ResolvedEntry, size: int) -> jax.Array:
