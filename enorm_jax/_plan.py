@@ -120,18 +120,25 @@ def _reshape_runs(view: tuple[int, ...], shape: tuple[int, ...]):
   return runs
 
 
-def fit(m: jax.Array, r: ResolvedEntry) -> jax.Array:
-  """``m`` (which broadcasts against ``r.view``) as a multiplier of the parameter's
-  own shape ``r.shape``: broadcast over the runs of the reshape that hold a unit
-  axis, size 1 elsewhere. A leaf scaled by it is never reshaped, so XLA writes it
-  in place (a reshaped leaf is copied into its donated buffer)."""
-  if r.view == r.shape or 0 in r.shape:
-    return m.reshape([1] * (len(r.shape) - m.ndim) + list(m.shape))
+def fit(m: jax.Array, r: ResolvedEntry, shape: tuple[int, ...] | None = None) -> jax.Array:
+  """``m`` (which broadcasts against ``r.view``) as a multiplier of ``shape``, a
+  reshape of the parameter (its own shape ``r.shape`` by default): broadcast over
+  the runs of the reshape that hold a unit axis, size 1 elsewhere.
+
+  A leaf scaled in its own shape is never reshaped, so XLA writes it in place (a
+  reshaped leaf is copied into its donated buffer). Norms scale a leaf in the
+  view they sum it in, so two leaves of one shape scaled by one group get
+  different broadcasts, which XLA fuses into each sum instead of writing the
+  one it would share to memory.
+  """
+  shape = r.shape if shape is None else tuple(shape)
+  if r.view == shape or 0 in shape:
+    return m.reshape([1] * (len(shape) - m.ndim) + list(m.shape))
   full, target = list(m.shape), []
-  for a, b in _reshape_runs(r.view, r.shape):
+  for a, b in _reshape_runs(r.view, shape):
     if any(m.shape[k] > 1 for k in a):
       full[a[0]:a[-1] + 1] = r.view[a[0]:a[-1] + 1]
-      target += [r.shape[k] for k in b]
+      target += [shape[k] for k in b]
     else:
       target += [1] * len(b)
   return jnp.broadcast_to(m, full).reshape(target)
@@ -244,7 +251,8 @@ class Plan:
             shifted: bool = False) -> jax.Array:
     """``x`` times the factor of every entry on ``path``, raised to ``power``.
 
-    With ``exact`` (for values that are written back), dividing (exponent -1)
+    ``x`` has the parameter's shape or, except for a recurrent kernel, any
+    reshape of it (e.g. an entry's view). With ``exact`` (for values that are written back), dividing (exponent -1)
     is correctly rounded (`divide`); norms use XLA's faster division.
     ``signs`` selects multiplying (+1) and/or dividing (-1) entries. With
     ``shifted``, ``x`` holds parameter values of an offset gain: the gain
@@ -260,7 +268,7 @@ class Plan:
       exponent = sign * power
       if exponent == 0:
         continue
-      m = fit(expand(t[gi], r, self.groups[gi].size), r)
+      m = fit(expand(t[gi], r, self.groups[gi].size), r, shape)
       if exponent == 1:
         x = x * m
       elif exponent == -1:
@@ -270,6 +278,9 @@ class Plan:
     if shift:
       x = x - shift
     if path in self.recurrent.values() and 1 in signs and -1 in signs:
+      if shape != self.shape_of(path):
+        raise ValueError(f"The recurrent kernel {path!r} is scaled in its own shape "
+                         f"{self.shape_of(path)}, not {shape}.")
       x = jnp.where(jnp.eye(shape[0], dtype=bool), given, x)  # d[k] / d[k] on the diagonal
     return x
 

@@ -108,7 +108,7 @@ class _Cycle:
     def unit_sums(r):
       if r.path in self.stats:
         return _norms.weighted_unit_sums(self.plan, r, self.stats[r.path], t, self.p, size)
-      return unit_reduce(abs_pow(self._current(r.path, t).reshape(r.view), self.p), r, size)
+      return unit_reduce(abs_pow(self._current(r.path, t, r.view), self.p), r, size)
 
     incoming, outgoing = _norms.norm_entries(self.plan.groups[gi], self.include_biases)
     return sum(unit_sums(r) for r in incoming), sum(unit_sums(r) for r in outgoing)
@@ -125,8 +125,8 @@ class _Cycle:
     incoming, outgoing = _norms.norm_entries(g, self.include_biases)
 
     def own(entries):  # the unit's sums over every entry but the recurrent kernel
-      return sum((unit_reduce(abs_pow(self._current(r.path, t).reshape(r.view), self.p),
-                              r, size) for r in entries if r.path != path),
+      return sum((unit_reduce(abs_pow(self._current(r.path, t, r.view), self.p), r, size)
+                  for r in entries if r.path != path),
                  jnp.zeros((size,), jnp.float32))
 
     off_diagonal = 1.0 - jnp.eye(size, dtype=jnp.float32)
@@ -144,8 +144,17 @@ class _Cycle:
     carry = (own(incoming), own(outgoing), shared, jnp.ones((size,), jnp.float32))
     return lax.fori_loop(0, size, unit, carry)[3]
 
-  def _current(self, path: str, t: Scales) -> jax.Array:
-    return self.plan.scale(path, self.work[path], t, exact=False)
+  def _current(self, path: str, t: Scales, view: tuple[int, ...] | None = None) -> jax.Array:
+    """The leaf's current value (in ``view``, a reshape of it, where given).
+
+    Scaled in the view it is summed in: scaled in its own shape and then
+    reshaped, two leaves of one shape (a key and a value kernel) share one
+    broadcast of their norm group's factors, which XLA then writes to memory
+    (4-6 % of a Llama-style cycle; `benchmarks/RESULTS.md`)."""
+    x = self.work[path]
+    if view is None or path in self.plan.recurrent.values():
+      return self.plan.scale(path, x, t, exact=False).reshape(view or x.shape)
+    return self.plan.scale(path, x.reshape(view), t, exact=False)
 
   def _careful_factor(self, gi: int, t: Scales) -> jax.Array:
     """Group ``gi``'s factor, with its norms in log space if their sums are unsafe."""

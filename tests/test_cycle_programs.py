@@ -32,8 +32,7 @@ def test_the_division_parts_are_computed_once_per_unit_not_per_weight():
 def test_units_between_small_summed_axes_get_the_exact_first_factor(inner):
   """Units on the (layer, K/V head, dim) axes of a stacked query kernel viewed as
   (layer, input, K/V head, heads per K/V head, half, dim): the first factor of
-  each unit is sqrt(R / L) over exactly its elements, computed here by numpy.
-  (3, 5) has more inner slices than are summed by slice additions."""
+  each unit is sqrt(R / L) over exactly its elements, computed here by numpy."""
   layers, d_in, kv, dim = 3, 16, 2, 4
   group, half = inner
   view = (layers, d_in, kv, group, half, dim)
@@ -61,3 +60,44 @@ def test_the_division_parts_are_computed_by_one_program():
   fused = [c for c in hlo.split("\n\n") if c.startswith("%fused_computation")
            or c.startswith("%") and "fusion" in c.splitlines()[0]]
   assert len([c for c in fused if "bitcast-convert(" in c]) == 1
+
+
+def _key_value_graph(layers, width, kv, dim):
+  """A norm gain's group divides the rows of a key and a value kernel of one
+  shape; a rotary-like group (pairs of key dims) and a value group multiply them."""
+  view = (layers, width, kv, 2, dim // 2)
+  return enorm_jax.RescalingGraph((
+      enorm_jax.Group(layers * width, (enorm_jax.Entry("gain", (0, 1)),),
+                      (enorm_jax.Entry("k", (0, 1)), enorm_jax.Entry("v", (0, 1)))),
+      enorm_jax.Group(layers * kv * dim // 2, (enorm_jax.Entry("q", (0, 2, 4), view=view),),
+                      (enorm_jax.Entry("k", (0, 2, 4), view=view),)),
+      enorm_jax.Group(layers * kv * dim, (enorm_jax.Entry("v", (0, 2, 3)),),
+                      (enorm_jax.Entry("o", (0, 1, 2)),)),
+  ))
+
+
+def test_kernels_of_one_shape_do_not_share_a_broadcast_written_to_memory():
+  """The key and the value kernel are divided by the same gain group: their sums
+  must each fuse the broadcast of its factors, not read one written to memory
+  (a third program of the kernels' size besides their two writes)."""
+  layers, width, kv, dim = 4, 128, 2, 32
+  graph = _key_value_graph(layers, width, kv, dim)
+  rng = np.random.default_rng(0)
+  shape = (layers, width, kv, dim)
+  params = {"gain": jnp.ones((layers, width)), "q": jnp.asarray(rng.standard_normal(shape)),
+            "k": jnp.asarray(rng.standard_normal(shape)),
+            "v": jnp.asarray(rng.standard_normal(shape)),
+            "o": jnp.asarray(rng.standard_normal((layers, kv, dim, width)))}
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  hlo = jax.jit(lambda p: enorm_jax.balance(p, graph)[0], donate_argnums=0
+                ).lower(params).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  kernel_sized = re.findall(r"= f32\[4,128,2,32\]\{[0-9,]*\} fusion\(", entry)
+  assert len(kernel_sized) == 3, kernel_sized  # the writes of q, k and v
+  balanced, _ = balance_jit(params, graph=graph)
+  x = jnp.asarray(rng.standard_normal((5, width)), jnp.float32)
+  def value_path(p):  # gain -> value -> ReLU -> output, per layer
+    h = x[:, None, :] * p["gain"][None]
+    v = jax.nn.relu(jnp.einsum("blw,lwkd->blkd", h, p["v"]))
+    return jnp.einsum("blkd,lkdw->blw", v, p["o"])
+  np.testing.assert_allclose(value_path(balanced), value_path(params), rtol=2e-4, atol=2e-4)
