@@ -252,8 +252,9 @@ class Plan:
     """``x`` times the factor of every entry on ``path``, raised to ``power``.
 
     ``x`` has the parameter's shape or, except for a recurrent kernel, any
-    reshape of it (e.g. an entry's view). With ``exact`` (for values that are written back), dividing (exponent -1)
-    is correctly rounded (`divide`); norms use XLA's faster division.
+    reshape of it (e.g. an entry's view). With ``exact`` (for values that are
+    written back), dividing (exponent -1) is correctly rounded (`divide`); norms
+    use XLA's faster division.
     ``signs`` selects multiplying (+1) and/or dividing (-1) entries. With
     ``shifted``, ``x`` holds parameter values of an offset gain: the gain
     ``x + shift`` is scaled, then shifted back.
