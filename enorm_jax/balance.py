@@ -150,7 +150,8 @@ class _Cycle:
     Scaled in the view it is summed in: scaled in its own shape and then
     reshaped, two leaves of one shape (a key and a value kernel) share one
     broadcast of their norm group's factors, which XLA then writes to memory
-    (4-6 % of a Llama-style cycle; `benchmarks/RESULTS.md`)."""
+    (4-6 % of a Llama-style cycle at width 128, 4 % at 512;
+    `benchmarks/RESULTS.md`)."""
     x = self.work[path]
     if view is None or path in self.plan.recurrent.values():
       return self.plan.scale(path, x, t, exact=False).reshape(view or x.shape)
