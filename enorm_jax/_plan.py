@@ -75,7 +75,32 @@ def unit_reduce(x: jax.Array, r: ResolvedEntry, size: int, op=jnp.sum) -> jax.Ar
   if op is jnp.sum and math.prod(r.view[a] for a in trailing) > 1:
     x = sum_trailing(x, len(trailing))
     others = tuple(a for a in others if a not in trailing)
+    if any(x.shape[a] > 1 for a in others):
+      x = _apart(x)
+  if op is jnp.sum and len([a for a in others if x.shape[a] > 1]) > 1:
+    x, others = _sum_largest_axis(x, others)
   return to_units(op(x, axis=others) if others else x, r, size)
+
+
+def _apart(x: jax.Array) -> jax.Array:
+  """``x``, which XLA may not sum in one reduction with the sums that made it.
+
+  Summed axes on both sides of a unit axis (a grouped query kernel's input,
+  heads per K/V head and rotary halves; an output kernel's heads per K/V head
+  and output) summed in one reduction took 1.4-2.4x longer on XLA:CPU than a
+  reduction over one run of axes followed by the rest on its (smaller) result,
+  and the Llama-style cycle 4-5 % longer (`benchmarks/RESULTS.md`).
+  """
+  return lax.optimization_barrier(x)
+
+
+def _sum_largest_axis(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, tuple[int, ...]]:
+  """Sums the largest of ``axes`` over a 3-D view (the axes before it merged, and
+  those after it); returns that partial sum and the other axes, renumbered."""
+  big = max(axes, key=lambda a: x.shape[a])
+  kept = x.shape[:big] + x.shape[big + 1:]
+  x = jnp.sum(x.reshape(math.prod(x.shape[:big]), x.shape[big], math.prod(kept[big:])), axis=1)
+  return _apart(x).reshape(kept), tuple(a - (a > big) for a in axes if a != big)
 
 
 def to_units(s: jax.Array, r: ResolvedEntry, size: int) -> jax.Array:

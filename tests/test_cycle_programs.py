@@ -49,6 +49,30 @@ def test_units_between_small_summed_axes_get_the_exact_first_factor(inner):
                              rtol=1e-6)
 
 
+def test_several_summed_axes_between_unit_axes_are_not_read_in_one_reduction():
+  """A grouped query kernel's unit sums (over the input, the heads per K/V head and
+  the rotary halves) read the kernel in one reduction over its input axis alone,
+  not in one over all three (slower on XLA:CPU); XLA must not merge them again."""
+  layers, d_in, kv, group, half, dim = 4, 128, 2, 2, 2, 16
+  view = (layers, d_in, kv, group, half, dim)
+  graph = enorm_jax.RescalingGraph((enorm_jax.Group(
+      layers * kv * dim, (enorm_jax.Entry("q", (0, 2, 5), view=view),),
+      (enorm_jax.Entry("o", (0, 1, 2)),)),))
+  params = {"q": jnp.ones((layers, d_in, kv * group, half * dim)),
+            "o": jnp.ones((layers, kv, dim, 8))}
+  hlo = jax.jit(lambda p: enorm_jax.balance(p, graph)[0], donate_argnums=0
+                ).lower(params).compile().as_text()
+  size = layers * d_in * kv * group * half * dim
+  sums = re.finditer(r"reduce\((%[\w.]+), [^)]*\), dimensions=\{([0-9,]*)\}, "
+                     r"to_apply=(%[\w.]+)", hlo)
+  shapes = dict(re.findall(r"(%[\w.]+) = f32\[([0-9,]*)\]", hlo))
+  adds = {c.split()[0] for c in hlo.split("\n\n") if re.search(r"= f32\[\] add\(", c)}
+  kernel_reads = [dims for operand, dims, region in (m.groups() for m in sums)
+                  if region in adds and operand in shapes
+                  and np.prod([int(n) for n in shapes[operand].split(",") if n]) == size]
+  assert kernel_reads and all("," not in dims for dims in kernel_reads), kernel_reads
+
+
 def test_the_division_parts_are_computed_by_one_program():
   """Both parts of the correctly rounded division come from one fused program:
   exactly one computes ``nextafter`` (a bitcast-convert), not one per part."""
