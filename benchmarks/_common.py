@@ -30,20 +30,21 @@ def median_ms(step: Callable[[Any], Any], state: Any, reps: int, warmup: int = 2
 
 
 def interleaved_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], reps: int,
-                   warmup: int = 2) -> dict[str, float]:
+                   warmup: int = 2, seed: int = 0) -> dict[str, float]:
   """Median wall time (ms) of ``state = step(state)`` per named (step, state).
 
   Each round calls every step once, so slow drifts of the machine hit all of
   them alike; ratios between the medians are side-by-side comparisons. The
-  order rotates by one step per round, so that every step comes first equally
-  often and none is favoured by its place in the round.
+  order is shuffled every round (seeded), so that no step always follows the
+  same one: a step's time depends on the program before it, and with the order
+  only rotated each step kept its predecessor (`benchmarks/RESULTS.md`).
   """
   states = {name: state for name, (_, state) in steps.items()}
   times = {name: [] for name in steps}
   names = list(steps)
+  rng = np.random.default_rng(seed)
   for round_ in range(warmup + reps):
-    shift = round_ % len(names)
-    for name in names[shift:] + names[:shift]:
+    for name in rng.permutation(names):
       step = steps[name][0]
       t = time.perf_counter()
       states[name] = jax.block_until_ready(step(states[name]))
@@ -65,9 +66,9 @@ def placements_ms(steps: dict[str, tuple[Callable[[Any], Any], Any]], placements
   out. The states given are copied, never donated.
   """
   medians = {name: [] for name in steps}
-  for _ in range(placements):
+  for placement in range(placements):
     fresh = {name: (step, jax.tree.map(jnp.copy, state)) for name, (step, state) in steps.items()}
-    for name, ms in interleaved_ms(fresh, reps, warmup).items():
+    for name, ms in interleaved_ms(fresh, reps, warmup, seed=placement).items():
       medians[name].append(ms)
   return medians
 

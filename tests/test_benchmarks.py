@@ -106,14 +106,21 @@ def test_row_rescale_scales_stepped_rows_and_divides_momentum_rows(rescale_state
                                trace / factor if rescale_state else trace, rtol=1e-5)
 
 
-def test_interleaved_timing_rotates_which_step_comes_first():
+def test_interleaved_timing_calls_each_step_once_per_round_after_varied_predecessors():
   from benchmarks import _common
   calls = []
-  steps = {name: (lambda s, name=name: calls.append(name) or s + 1, 0) for name in "abc"}
-  ms = _common.interleaved_ms(steps, reps=3, warmup=1)
-  assert set(ms) == {"a", "b", "c"}
-  rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
-  assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]
+  steps = {name: (lambda s, name=name: calls.append(name) or s + 1, 0) for name in "abcd"}
+  ms = _common.interleaved_ms(steps, reps=40, warmup=1)
+  assert set(ms) == set("abcd")
+  rounds = [calls[i:i + 4] for i in range(0, len(calls), 4)]
+  assert len(rounds) == 41 and all(sorted(r) == list("abcd") for r in rounds)
+  sequence = "".join(calls)
+  before_a = {sequence[i - 1] for i in range(1, len(sequence)) if sequence[i] == "a"}
+  assert set("bcd") <= before_a  # rotating "abcd" always put d before a
+  assert len({r[0] for r in rounds}) == 4
+  calls.clear()
+  _common.interleaved_ms(steps, reps=40, warmup=1)
+  assert "".join(calls) == sequence  # seeded: the same order again
 
 
 def test_placements_time_fresh_copies_and_never_donate_the_given_state():
