@@ -77,9 +77,21 @@ def unit_reduce(x: jax.Array, r: ResolvedEntry, size: int, op=jnp.sum) -> jax.Ar
     others = tuple(a for a in others if a not in trailing)
     if any(x.shape[a] > 1 for a in others):
       x = _apart(x)
-  if op is jnp.sum and len([a for a in others if x.shape[a] > 1]) > 1:
-    x, others = _sum_largest_axis(x, others)
+  if op is jnp.sum and len(runs := _summed_runs(x.shape, others)) > 1:
+    x, others = _sum_run(x, others, max(runs, key=lambda run: math.prod(x.shape[a] for a in run)))
   return to_units(op(x, axis=others) if others else x, r, size)
+
+
+def _summed_runs(shape: tuple[int, ...], summed: tuple[int, ...]) -> list[list[int]]:
+  """The runs of adjacent ``summed`` axes (each ``[first, ..., last]``) that hold
+  more than one element: those that a unit axis separates."""
+  runs = []
+  for a in (a for a in summed if shape[a] > 1):
+    if runs and all(b in summed for b in range(runs[-1][-1] + 1, a)):
+      runs[-1].append(a)
+    else:
+      runs.append([a])
+  return runs
 
 
 def _apart(x: jax.Array) -> jax.Array:
@@ -94,13 +106,16 @@ def _apart(x: jax.Array) -> jax.Array:
   return lax.optimization_barrier(x)
 
 
-def _sum_largest_axis(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, tuple[int, ...]]:
-  """Sums the largest of ``axes`` over a 3-D view (the axes before it merged, and
-  those after it); returns that partial sum and the other axes, renumbered."""
-  big = max(axes, key=lambda a: x.shape[a])
-  kept = x.shape[:big] + x.shape[big + 1:]
-  x = jnp.sum(x.reshape(math.prod(x.shape[:big]), x.shape[big], math.prod(kept[big:])), axis=1)
-  return _apart(x).reshape(kept), tuple(a - (a > big) for a in axes if a != big)
+def _sum_run(x: jax.Array, axes: tuple[int, ...], run: list[int]
+             ) -> tuple[jax.Array, tuple[int, ...]]:
+  """Sums ``x`` over the summed axes ``run[0]`` to ``run[-1]`` as one axis of a
+  3-D view; returns that partial sum and the rest of ``axes``, renumbered."""
+  first, last = run[0], run[-1]
+  kept = x.shape[:first] + x.shape[last + 1:]
+  x = jnp.sum(x.reshape(math.prod(x.shape[:first]), math.prod(x.shape[first:last + 1]),
+                        math.prod(x.shape[last + 1:])), axis=1)
+  return (_apart(x).reshape(kept),
+          tuple(a - (last - first + 1) * (a > last) for a in axes if not first <= a <= last))
 
 
 def to_units(s: jax.Array, r: ResolvedEntry, size: int) -> jax.Array:
