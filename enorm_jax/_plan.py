@@ -101,7 +101,7 @@ def _apart(x: jax.Array) -> jax.Array:
   heads per K/V head and rotary halves; an output kernel's heads per K/V head
   and output) summed in one reduction took 1.4-2.4x longer on XLA:CPU than a
   reduction over one run of axes followed by the rest on its (smaller) result,
-  and the Llama-style cycle 4-5 % longer (`benchmarks/RESULTS.md`).
+  and the Llama-style cycle 4-6 % longer (`benchmarks/RESULTS.md`).
   """
   return lax.optimization_barrier(x)
 

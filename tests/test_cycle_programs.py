@@ -73,6 +73,21 @@ def test_several_summed_axes_between_unit_axes_are_not_read_in_one_reduction():
   assert kernel_reads and all("," not in dims for dims in kernel_reads), kernel_reads
 
 
+def test_adjacent_summed_axes_stay_one_reduction():
+  """A conv kernel's units are its outputs: its taps and inputs, adjacent summed
+  axes, are summed in one reduction (to one value per output), not in stages."""
+  graph = enorm_jax.RescalingGraph((enorm_jax.Group(
+      32, (enorm_jax.Entry("conv", 3),), (enorm_jax.Entry("dense", 0),)),))
+  params = {"conv": jnp.ones((3, 3, 16, 32)), "dense": jnp.ones((32, 8))}
+  hlo = jax.jit(lambda p: enorm_jax.balance(p, graph)[0], donate_argnums=0
+                ).lower(params).compile().as_text()
+  shapes = dict(re.findall(r"(%[\w.]+) = f32\[([0-9,]*)\]", hlo))
+  sums = re.finditer(r"= f32\[([0-9,]*)\][^=]*reduce\((%[\w.]+), ", hlo)
+  outputs = [out for out, operand in (m.groups() for m in sums)
+             if shapes.get(operand, "").replace(",", "x") == "3x3x16x32"]
+  assert outputs and all(out == "32" for out in outputs), outputs
+
+
 def test_the_division_parts_are_computed_by_one_program():
   """Both parts of the correctly rounded division come from one fused program:
   exactly one computes ``nextafter`` (a bitcast-convert), not one per part."""
